@@ -1,0 +1,1 @@
+"""Engines: how the trainable and frozen networks are placed, sharded, stepped and saved."""

@@ -1,0 +1,1 @@
+"""Networks: one denoiser interface, family adapters, text encoding, VAE, discriminator, reward model."""

@@ -1,0 +1,54 @@
+"""jobs/submit.py as a user runs it: dry-run plans and clear config errors, in a subprocess."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def submit(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "submit.py"), *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_dry_run_plan_shows_nodes_and_world_size(tmp_path):
+    out = submit("stage1", "--config", "sdxl-4step", "--nodes", "4", "--dry-run", "--executor", "slurm", f"run_root={tmp_path}")
+    assert out.returncode == 0, out.stderr
+    assert "nodes:          4" in out.stdout
+    assert "world size:     32 (4 x 8)" in out.stdout
+    assert "tasks_per_node: 8" in out.stdout
+    assert f"{tmp_path}/sdxl-4step-stage1" in out.stdout
+    assert "launch.nodes: 1 -> 4" in out.stdout
+
+
+def test_typo_names_key_and_suggestion():
+    out = submit("stage1", "--dry-run", "stage1.tturr=2")
+    assert out.returncode == 2
+    assert "stage1.tturr" in out.stderr and "did you mean 'stage1.ttur'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_rule_violation_names_rule():
+    out = submit("stage1", "--dry-run", "stage1.ttur=0")
+    assert out.returncode == 2 and "stage1.ttur must be >= 1" in out.stderr
+
+
+def test_yaml_with_wrong_type_names_file_and_key(tmp_path):
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("base: tiny-sdxl\ndata:\n  batch_size: many\n")
+    out = submit("stage1", "--config", str(bad), "--dry-run")
+    assert out.returncode == 2
+    assert "mine.yaml" in out.stderr and "data.batch_size" in out.stderr
+
+
+def test_full_config_dump_loads_back(tmp_path):
+    from flashdmd.config import from_yaml, load_config
+
+    out = submit("stage2", "--config", "sd3-medium-4step", "--dry-run", "--full-config")
+    assert out.returncode == 0, out.stderr
+    dumped = out.stdout.split("resolved config:\n", 1)[1]
+    cfg = from_yaml("\n".join(line[2:] for line in dumped.splitlines()))
+    expected = load_config("sd3-medium-4step")
+    expected.name = "sd3-medium-4step-stage2"
+    assert cfg == expected
