@@ -94,9 +94,11 @@ class DataConfig:
     workers: int = 0
     shuffle_buffer: int = 100
     resampled: bool = True  # resampled shards with an epoch length: equal batches on every rank
-    epoch_length: int = 1000  # batches per epoch per rank in resampled mode
+    epoch_length: int = 1000  # batches per epoch per rank (both modes; equal on every rank)
     aspect_buckets: bool = False
     max_bad_fraction: float = 0.05  # abort when more than this fraction of samples is bad
+    bad_check_after: int = 100  # the bad fraction is judged once this many samples were read (per worker)
+    latent_shape: list[int] = field(default_factory=list)  # [C, h, w] of shard latents; [] -> C of the first, h = w = resolution / 8
 
 
 @dataclass
@@ -506,10 +508,17 @@ def _rules(cfg: Config) -> list[tuple[bool, str]]:
         (0 <= s2.threshold < 1, "stage2.threshold must lie in [0, 1)"),
         (s2.rl_per_dm >= 0 and s2.rl_lr >= 0 and s2.rl_batch_size >= 0, "stage2.rl_per_dm, rl_lr and rl_batch_size must be >= 0"),
         (s2.distill or s2.rl_per_dm >= 1, "stage2.distill=false (RL only) needs stage2.rl_per_dm >= 1"),
-        (data.resolution >= 8 and data.resolution % 8 == 0, "data.resolution must be a positive multiple of 8"),
+        (
+            data.resolution >= 8 and data.resolution % 8 == 0
+            and len(data.latent_shape) in (0, 3) and all(d >= 1 for d in data.latent_shape),
+            "data.resolution must be a positive multiple of 8 and data.latent_shape [] or [C, h, w] with positive sizes",
+        ),
         (data.batch_size >= 1 and data.real_batch_size >= 0, "data.batch_size must be >= 1 and data.real_batch_size >= 0"),
         (data.workers >= 0 and data.shuffle_buffer >= 0 and data.epoch_length >= 1, "data.workers, data.shuffle_buffer >= 0 and data.epoch_length >= 1"),
-        (0 <= data.max_bad_fraction <= 1, "data.max_bad_fraction must lie in [0, 1]"),
+        (
+            0 <= data.max_bad_fraction <= 1 and data.bad_check_after >= 1,
+            "data.max_bad_fraction must lie in [0, 1] and data.bad_check_after must be >= 1",
+        ),
         (not cfg.model.lora.enabled or cfg.model.lora.rank >= 1, "model.lora.rank must be >= 1 when model.lora.enabled"),
         (cfg.model.gmm.num_modes >= 1 and cfg.model.gmm.std > 0, "model.gmm.num_modes >= 1 and model.gmm.std > 0"),
         (
