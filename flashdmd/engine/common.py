@@ -1,0 +1,96 @@
+"""Pieces every multi-process engine shares: block discovery, the frozen-network context,
+metric reduction, EMA pairing checks and the per-network memory report (issue 6, item 7)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+def block_modules(module: nn.Module) -> list[nn.Module]:
+    """The blocks to shard one by one: the items of the outermost ``nn.ModuleList``s.
+
+    Diffusers keeps its blocks in ModuleLists (``down_blocks``, ``up_blocks``,
+    ``transformer_blocks``); the Pixel-GAN heads are a ModuleList too. Lists nested inside a
+    block (a block's ``resnets``) belong to that block and are not split further.
+    """
+    blocks: list[nn.Module] = []
+
+    def visit(m: nn.Module) -> None:
+        for child in m.children():
+            if isinstance(child, nn.ModuleList):
+                blocks.extend(c for c in child if any(True for _ in c.parameters()))
+            else:
+                visit(child)
+
+    visit(module)
+    return blocks
+
+
+def enable_gradient_checkpointing(module: nn.Module) -> bool:
+    """Switch on the diffusers/transformers gradient checkpointing of the outermost model inside."""
+    for m in module.modules():
+        enable = getattr(m, "enable_gradient_checkpointing", None) or getattr(m, "gradient_checkpointing_enable", None)
+        if callable(enable):
+            enable()
+            return True
+    return False
+
+
+def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def no_grad_collection(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Inside: gradients flow through ``modules`` to their inputs but none is kept for their
+    parameters (the generator's GAN loss through the discriminator, DeepSpeed #4923, DMD2's
+    requires_grad toggle). Gradients held before entering are restored on exit."""
+    saved: list[tuple[nn.Parameter, Tensor | None]] = []
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad:
+                saved.append((p, p.grad))
+                p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, grad in saved:
+            p.requires_grad_(True)
+            p.grad = grad
+
+
+def all_reduce_mean(value: Tensor, device: torch.device) -> Tensor:
+    """Mean over all ranks (identity without a process group); returns a new tensor."""
+    out = value.detach().to(device=device, dtype=torch.float32, copy=True)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out /= dist.get_world_size()
+    return out.to(value.device)
+
+
+def ema_pairs(target: nn.Module, source: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+    """The (name, target, source) parameter pairs the EMA pull updates: the trainable ones
+    (with LoRA: the adapter weights and any unfrozen tensor, spec 1.7 [INF]).
+
+    Raises when the two networks do not have the same trainable names and shapes, since then
+    their shards would not line up (issue 6, item 5)."""
+    tgt = dict(trainable_parameters(target))
+    src = dict(trainable_parameters(source))
+    if tgt.keys() != src.keys():
+        missing = sorted(set(tgt) ^ set(src))[:5]
+        raise ValueError(f"EMA needs identical architectures; trainable parameters differ, e.g. {missing}")
+    pairs = []
+    for name, p in tgt.items():
+        q = src[name]
+        if p.shape != q.shape:
+            raise ValueError(f"EMA needs identical architectures; {name} has shape {tuple(p.shape)} vs {tuple(q.shape)}")
+        pairs.append((name, p, q))
+    return pairs
+
+
+def nbytes(tensors: Iterable[Tensor | None]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
