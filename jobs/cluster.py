@@ -87,3 +87,23 @@ def check_request(partition: str, nodes: int) -> Partition:
             f"--nodes {nodes} is more than partition '{chosen.name}' offers ({limit} nodes); lower --nodes or pick another --partition"
         )
     return chosen
+
+
+# states in which a job may still produce results (it is queued, running, or being requeued)
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
+                 "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
+
+
+def job_state(job_id: str) -> str:
+    """The job's Slurm state, or "" once the controller has forgotten it."""
+    return job_field(job_id, "JobState")
+
+
+def job_field(job_id: str, name: str) -> str:
+    """One field of ``scontrol show job`` (e.g. Restarts, ExitCode), "" when absent."""
+    try:
+        out = _run(["scontrol", "show", "job", job_id, "--oneliner"])
+    except ClusterError:
+        return ""
+    match = re.search(rf"\b{name}=(\S+)", out)
+    return match.group(1) if match else ""

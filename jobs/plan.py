@@ -13,7 +13,8 @@ from typing import Any
 
 from flashdmd.config import Config, diff, load_config, to_yaml
 
-JOBS = ("stage1", "stage2")
+JOBS = ("stage1", "stage2", "pipeline", "export")
+PIPELINE = ("stage1", "stage2")  # stage 2 runs after stage 1 succeeded (afterok), from its run directory
 
 
 @dataclass
@@ -61,7 +62,8 @@ def slurm_params(cfg: Config) -> dict[str, Any]:
 
 
 def local_params(cfg: Config) -> dict[str, Any]:
-    return {"processes": cfg.world_size, "timeout_min": cfg.launch.time_minutes}
+    """submitit's local executor: every task on this machine, one per GPU where there are GPUs."""
+    return {"processes": cfg.world_size, "timeout_min": cfg.launch.time_minutes, "signal_delay_s": cfg.launch.signal_lead_s}
 
 
 def build_plan(job: str, preset: str, cfg: Config) -> JobPlan:

@@ -2,6 +2,11 @@
 
 Resolves and validates the whole config before anything is submitted, so a bad key or value
 fails here with a message that names it.  ``--dry-run`` prints the job plan and exits.
+Otherwise the job goes through submitit (jobs/launcher.py): on Slurm the command returns once
+the job is queued; on the local executor it waits for the job. ``pipeline`` submits stage 1,
+then stage 2 with an ``afterok`` dependency on it and ``stage2.init_from`` set to stage 1's run
+directory. Requests the cluster cannot serve (unknown partition, too many nodes, no sbatch)
+fail before submission with a message saying what to change.
 """
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, load_config  # noqa: E402
-from jobs.plan import JOBS, build_plan, render  # noqa: E402
+from jobs.cluster import ClusterError  # noqa: E402
+from jobs.plan import JOBS, PIPELINE, build_plan, render  # noqa: E402
 
 # command-line option -> config key; options win over positional overrides
 OPTION_KEYS = {
@@ -51,27 +57,69 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
-def resolve(args: argparse.Namespace) -> Config:
+def resolve(args: argparse.Namespace, job: str | None = None) -> Config:
+    """The validated config of ``job`` (default: the one asked for); pipeline stages get "<name>-<stage>"."""
+    job = job or args.job
     options = [f"{key}={getattr(args, opt)}" for opt, key in OPTION_KEYS.items() if getattr(args, opt) is not None]
     cfg = load_config(args.config, [*args.overrides, *options])
-    if not cfg.name:
-        cfg.name = f"{Path(args.config).stem}-{args.job}"
+    if job != args.job:
+        cfg.name = f"{cfg.name or Path(args.config).stem}-{job}"
+    elif not cfg.name:
+        cfg.name = f"{Path(args.config).stem}-{job}"
     return cfg
+
+
+def resolve_all(args: argparse.Namespace) -> list[tuple[str, Config]]:
+    """(job, config) in submission order; stage 2 of a pipeline starts from stage 1's run directory."""
+    if args.job != "pipeline":
+        return [(args.job, resolve(args))]
+    stage1, stage2 = (resolve(args, job) for job in PIPELINE)
+    stage2.stage2.init_from = str(stage1.run_dir.resolve())
+    return [("stage1", stage1), ("stage2", stage2)]
+
+
+def run(args: argparse.Namespace, configs: list[tuple[str, Config]]) -> int:
+    from jobs import launcher  # submitit and torch load only when something is submitted
+
+    previous = None
+    for job, cfg in configs:
+        plan = build_plan(job, args.config, cfg)
+        dependency = ""
+        if previous is not None:
+            if plan.executor == "slurm":
+                dependency = f"afterok:{previous.job_id}"
+            else:  # the local executor has no dependencies: wait for the previous stage here
+                launcher.wait(previous)
+        sub = launcher.submit(plan, cfg, dependency=dependency)
+        print(sub.describe() + (f"\n  runs after:    {dependency}" if dependency else ""), flush=True)
+        previous = sub
+    if previous is not None and previous.plan.executor == "local":
+        launcher.wait(previous)
+        print(f"{previous.plan.job} finished; run directory {previous.cfg.run_dir}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = resolve(args)
+        configs = resolve_all(args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    plan = build_plan(args.job, args.config, cfg)
     if args.dry_run:
-        print(render(plan, cfg, args.full_config))
+        plans = [render(build_plan(job, args.config, cfg), cfg, args.full_config) for job, cfg in configs]
+        if len(plans) > 1:
+            plans[1] += "\ndependency:     afterok on the stage-1 job (stage2.init_from = its run directory)"
+        print("\n\n".join(plans))
         return 0
-    print(f"{args.job}: training is not implemented yet; use --dry-run to see the job plan", file=sys.stderr)
-    return 3
+    try:
+        return run(args, configs)
+    except ClusterError as err:
+        print(f"slurm: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 -- sbatch's own refusal (submitit FailedJobError) or a failed local job
+        print(f"{args.job}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -25,20 +25,22 @@ MARK="# flashdmd test cluster"
 
 log() { echo "slurm_up: $*" >&2; }
 die() { log "$*"; exit 1; }
+# exit status 77: Slurm cannot run on this machine at all (not installable); tests skip on it
+cannot() { log "cannot run Slurm here: $*"; exit 77; }
 
 case $NODES in 1|2) ;; *) die "SLURM_TEST_NODES must be 1 or 2, got '$NODES'";; esac
 
 # --- packages -------------------------------------------------------------------------------
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null \
    || ! command -v munged >/dev/null; then
-  [ "$(id -u)" = 0 ] || die "slurm/munge are not installed and installing them needs root"
-  command -v apt-get >/dev/null || die "slurm/munge are not installed and there is no apt-get to install them"
+  [ "$(id -u)" = 0 ] || cannot "slurm/munge are not installed and installing them needs root"
+  command -v apt-get >/dev/null || cannot "slurm/munge are not installed and there is no apt-get to install them"
   log "installing munge and slurm-wlm from Debian"
   export DEBIAN_FRONTEND=noninteractive
   pkgs="munge slurmctld slurmd slurm-client"
   apt-get install -y -qq --no-install-recommends $pkgs >/dev/null 2>&1 \
     || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $pkgs >/dev/null; } \
-    || die "apt-get install $pkgs failed"
+    || cannot "apt-get install $pkgs failed (no package mirror reachable?)"
 fi
 
 export SLURM_CONF=$CONF
@@ -46,7 +48,7 @@ if [ -f "$CONF" ] && timeout 10 sinfo -h >/dev/null 2>&1; then
   echo "export SLURM_CONF=$CONF"
   exit 0
 fi
-[ "$(id -u)" = 0 ] || die "starting the daemons needs root"
+[ "$(id -u)" = 0 ] || cannot "starting the daemons needs root"
 
 # --- munge ----------------------------------------------------------------------------------
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then

@@ -1,0 +1,191 @@
+"""Submit a planned job through submitit: Slurm (one task per GPU) or the local executor.
+
+The callable that submitit pickles (``EntryJob``) carries the resolved config as plain data and
+the name of the entry function (``flashdmd.train:main`` for stage 1 and 2), so a job never
+depends on the submitting process' objects. Resume state is never stored in the pickle: the
+entry finds the newest valid checkpoint at start-up (fairchem #1055), which is what makes a
+requeued job, or a requeue of the original pickle, continue where it stopped.
+
+Preemption is handled inside the run (flashdmd.preemption: flag, agreement, collective save,
+``scontrol requeue``). submitit's own signal hook stays as the fallback for a signal that
+arrives before the training loop has installed its handlers: it then calls
+``EntryJob.checkpoint``, which resubmits the same job unchanged.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import submitit
+import torch
+from submitit.core.utils import JobPaths
+
+from flashdmd.config import REPO_ROOT, Config, config_from_dict, to_dict, validate
+from jobs import cluster
+from jobs.plan import JobPlan
+
+ENTRIES = {
+    "stage1": "flashdmd.train:main",
+    "stage2": "flashdmd.train:main",
+    "export": "flashdmd.export:main",
+}
+
+
+def _load(entry: str) -> Callable[[Config, str], Any]:
+    module, _, name = entry.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class EntryJob:
+    """What every task runs: ``entry(cfg, job)`` with the config rebuilt from plain data."""
+
+    def __init__(self, entry: str, job: str, config: dict[str, Any], pythonpath: list[str]) -> None:
+        self.entry = entry
+        self.job = job
+        self.config = config
+        self.pythonpath = pythonpath
+
+    def __call__(self) -> Any:
+        for path in reversed(self.pythonpath):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        cfg = validate(config_from_dict(self.config))
+        return _load(self.entry)(cfg, self.job)
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        # submitit's fallback hook (signal before the loop started): run the same job again
+        return submitit.helpers.DelayedSubmission(EntryJob(self.entry, self.job, self.config, self.pythonpath))
+
+
+@dataclass
+class Submitted:
+    job: submitit.Job
+    plan: JobPlan
+    cfg: Config
+    folder: Path
+
+    @property
+    def job_id(self) -> str:
+        return str(self.job.job_id)
+
+    @property
+    def stdout(self) -> Path:
+        return self.job.paths.stdout
+
+    @property
+    def stderr(self) -> Path:
+        return self.job.paths.stderr
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        lines = [
+            f"submitted {self.plan.job} as {self.plan.executor} job {self.job_id}",
+            f"  logs:          {self.stdout}  (task 0; errors in {self.stderr.name})",
+            f"  run directory: {cfg.run_dir}",
+            f"  mlflow:        {cfg.tracking_uri}  experiment '{cfg.tracking.experiment}', run '{cfg.tracking.run_name or cfg.name}'",
+        ]
+        if not cfg.tracking.uri:
+            lines.append(f"  browse with:   mlflow ui --backend-store-uri {cfg.tracking_uri}")
+        if self.plan.executor == "slurm":
+            lines.append(f"  follow with:   squeue -j {self.job_id}; tail -f {self.stdout}")
+        return "\n".join(lines)
+
+
+def absolute(cfg: Config) -> Config:
+    """Paths the job sees must not depend on the directory it starts in."""
+    cfg.run_root = str(Path(cfg.run_root).resolve())
+    if cfg.checkpoint.dir:
+        cfg.checkpoint.dir = str(Path(cfg.checkpoint.dir).resolve())
+    return cfg
+
+
+def make_executor(plan: JobPlan, cfg: Config, folder: Path, dependency: str = "") -> submitit.AutoExecutor:
+    """A submitit executor for ``plan``; for Slurm, the request is checked against the cluster first."""
+    params = plan.executor_params
+    if plan.executor == "local":
+        executor = submitit.AutoExecutor(folder=folder, cluster="local")
+        executor.update_parameters(
+            timeout_min=params["timeout_min"],
+            tasks_per_node=params["processes"],
+            nodes=1,
+            gpus_per_node=min(params["processes"], torch.cuda.device_count()),
+            signal_delay_s=params["signal_delay_s"],
+        )
+        return executor
+    cluster.require_sbatch()
+    partition = cluster.check_request(params.get("partition", ""), params["nodes"])
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=params["max_requeues"])
+    # a partition without GPUs (CPU clusters, the test cluster) runs one process per "GPU" slot
+    gpus = params["gpus_per_node"] if partition.has_gpus else None
+    extra: dict[str, Any] = {
+        "signal": f"USR1@{params['signal_delay_s']}",  # flashdmd.preemption's signal, not submitit's USR2
+        "requeue": True,
+    }
+    executor.update_parameters(
+        name=cfg.name,
+        nodes=params["nodes"],
+        tasks_per_node=params["tasks_per_node"],
+        cpus_per_task=params["cpus_per_task"],
+        timeout_min=params["timeout_min"],
+        **({"gpus_per_node": gpus} if gpus else {}),
+        **({"mem_gb": params["mem_gb"]} if params.get("mem_gb") else {}),
+        slurm_partition=partition.name,
+        **{f"slurm_{k}": params[k] for k in ("account", "qos", "constraint") if params.get(k)},
+        slurm_signal_delay_s=params["signal_delay_s"],
+        slurm_additional_parameters=extra,
+        slurm_setup=[
+            "export SUBMITIT_PREEMPT_SIGNAL=USR1",
+            f"export PYTHONPATH={REPO_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}",
+        ],
+        **({"slurm_dependency": dependency} if dependency else {}),
+    )
+    return executor
+
+
+def submit(plan: JobPlan, cfg: Config, dependency: str = "", entry: str | None = None,
+           pythonpath: list[str] | None = None) -> Submitted:
+    """Submit ``plan`` (config already resolved and validated); returns at once, the job runs on."""
+    cfg = absolute(cfg)
+    folder = cfg.run_dir / "submitit"
+    # the job process unpickles EntryJob before anything else: it must find this repository
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(REPO_ROOT), *pythonpath_from_env()]))
+    executor = make_executor(plan, cfg, folder, dependency)
+    paths = [str(REPO_ROOT), *(pythonpath or [])]
+    job = executor.submit(EntryJob(entry or ENTRIES[plan.job], plan.job, to_dict(cfg), paths))
+    return Submitted(job=job, plan=plan, cfg=cfg, folder=folder)
+
+
+def wait(sub: Submitted, timeout_s: float | None = None, poll_s: float = 2.0) -> list[Any]:
+    """Block until every task has a result and return them (raises the job's error).
+
+    Slurm states come from ``scontrol show job``, so this works without accounting (sacct).
+    """
+    deadline = None if timeout_s is None else time.time() + timeout_s
+    results = [JobPaths(sub.job.paths.folder, job_id=sub.job_id, task_id=t).result_pickle for t in range(_num_tasks(sub))]
+    while not all(path.exists() for path in results):
+        if sub.plan.executor == "local" and sub.job.done():
+            break
+        if sub.plan.executor == "slurm" and cluster.job_state(sub.job_id) not in cluster.ACTIVE_STATES:
+            time.sleep(poll_s)  # a result file may land just after the job leaves the queue
+            break
+        if deadline is not None and time.time() > deadline:
+            raise TimeoutError(f"job {sub.job_id} did not finish in {timeout_s} s; see {sub.stdout}")
+        time.sleep(poll_s)
+    missing = [str(path) for path in results if not path.exists()]
+    if missing:
+        raise RuntimeError(f"job {sub.job_id} ended without writing {', '.join(missing)}; see {sub.stdout} and {sub.stderr}")
+    return sub.job.results()
+
+
+def _num_tasks(sub: Submitted) -> int:
+    params = sub.plan.executor_params
+    return params.get("processes") or params["nodes"] * params["tasks_per_node"]
+
+
+def pythonpath_from_env() -> list[str]:
+    return [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
