@@ -1,0 +1,255 @@
+"""DeepSpeed ZeRO-3 engine: one DeepSpeed engine per trainable network, all on the default
+process group (issue 6, item 2; anchors_jobsystem.md 1.4-1.5).
+
+- Trainable networks (generator, fake score, discriminator heads with a frozen backbone):
+  ``deepspeed.initialize`` each with ZeRO stage 3, a client ``torch.optim.AdamW`` (or, with
+  ``offload_optimizer``, DeepSpeed's CPU AdamW, which g++ compiles on first use), fp32 master
+  weights and DeepSpeed's gradient clipping. Our ``StepSchedule`` writes the learning rate.
+- Frozen networks: replicated plain modules, except the teacher/reference with
+  ``teacher_sharding="zero3"``: a ZeRO-3 inference engine (no optimizer) that all-gathers its
+  blocks on the fly, as DeepSpeed-Chat's reference model.
+- The generator's GAN loss goes through the discriminator's engine and the frozen decoder:
+  inside ``frozen("discriminator")`` the discriminator's parameters stop requiring gradients,
+  so ZeRO-3 fetches them for backward but reduces nothing into its buckets (DeepSpeed #4923,
+  #399; tested in tests/test_engine_deepspeed.py).
+- EMA (spec 1.7): on the local fp32 master partitions and the local bit16 partitions, no
+  gathering; identical architectures partition identically, which is asserted per tensor.
+- Checkpoints: each rank writes its optimizer partition (fp32 master flat groups and Adam
+  moments) to ``<name>/rank<r>.safetensors`` plus JSON; DeepSpeed's own ``save_checkpoint``
+  is not used because it pickles. Loading needs the same world size (no universal format).
+- Full weights (export): fp32 masters all-gathered tensor by tensor, the same numbers
+  DeepSpeed's zero_to_fp32 consolidation produces.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if __import__("torch").cuda.is_available() else "cpu")
+
+import deepspeed  # noqa: E402  (the accelerator must be chosen before the import)
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_local_fp32_param  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from flashdmd.engine import common  # noqa: E402
+from flashdmd.engine.base import Engine, OptimSpec  # noqa: E402
+from flashdmd.engine.lr import StepSchedule  # noqa: E402
+from flashdmd.engine.state_io import (  # noqa: E402
+    join_optimizer_state,
+    load_json,
+    load_tensors,
+    save_json,
+    save_tensors,
+    split_optimizer_state,
+)
+
+SHARDED_FROZEN = ("teacher", "reference")
+
+
+class DeepSpeedEngine(Engine):
+    """Trainable networks under ZeRO-3 on the default process group (which must be initialised)."""
+
+    def __init__(
+        self,
+        precision: str = "fp32",
+        gradient_checkpointing: bool = False,
+        offload_optimizer: bool = False,
+        offload_params: bool = False,
+        teacher_sharding: str = "replicate",
+    ) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("DeepSpeedEngine needs an initialised process group (torch.distributed.init_process_group)")
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        # fp32 master weights always; bf16/fp16 compute only where there is a GPU (issue 6, item 1).
+        self.precision = precision if self.device.type == "cuda" else "fp32"
+        self.gradient_checkpointing = gradient_checkpointing
+        self.offload_optimizer, self.offload_params = offload_optimizer, offload_params
+        self.teacher_sharding = teacher_sharding
+        self.engines: dict[str, Any] = {}
+        self.frozen_nets: dict[str, nn.Module] = {}
+        self.schedules: dict[str, StepSchedule] = {}
+        self.specs: dict[str, OptimSpec] = {}
+
+    # ---------------------------------------------------------------- placement
+    def _config(self, spec: OptimSpec | None) -> dict[str, Any]:
+        zero: dict[str, Any] = {"stage": 3, "stage3_param_persistence_threshold": 0}
+        if self.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
+        config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": 1,  # required by DeepSpeed's checks; batching is ours
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": zero,
+            "steps_per_print": 2**31 - 1,
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": self.precision == "bf16"},
+            "fp16": {"enabled": self.precision == "fp16"},
+        }
+        if spec is not None:
+            config["gradient_clipping"] = spec.grad_clip
+            if self.offload_optimizer:
+                zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
+                config["optimizer"] = {
+                    "type": "AdamW",
+                    "params": {"lr": spec.lr, "betas": list(spec.betas), "weight_decay": spec.weight_decay},
+                }
+        return config
+
+    def setup(self, trainable: dict[str, nn.Module], optim: dict[str, OptimSpec], frozen: dict[str, nn.Module]) -> None:
+        if set(trainable) != set(optim):
+            raise ValueError(f"one OptimSpec per trainable network: networks {sorted(trainable)}, specs {sorted(optim)}")
+        for name, module in trainable.items():
+            spec = optim[name]
+            if self.gradient_checkpointing:
+                common.enable_gradient_checkpointing(module)
+            params = [p for _, p in common.trainable_parameters(module)]
+            if not params:
+                raise ValueError(f"trainable network '{name}' has no parameter with requires_grad")
+            client_opt = None
+            if not self.offload_optimizer:
+                client_opt = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+            engine, *_ = deepspeed.initialize(
+                model=module.to(self.device).train(),
+                model_parameters=params,
+                optimizer=client_opt,
+                config=self._config(spec),
+                dist_init_required=False,
+            )
+            self.engines[name] = engine
+            self.schedules[name] = StepSchedule(spec)
+            self.specs[name] = spec
+        for name, module in frozen.items():
+            module.requires_grad_(False).eval()
+            if self.teacher_sharding == "zero3" and name in SHARDED_FROZEN:
+                engine, *_ = deepspeed.initialize(model=module.to(self.device), config=self._config(None), dist_init_required=False)
+                engine.eval()
+                self.frozen_nets[name] = engine
+            else:
+                self.frozen_nets[name] = module.to(self.device)
+
+    def __getitem__(self, name: str) -> nn.Module:
+        if name in self.engines:
+            return self.engines[name]
+        if name in self.frozen_nets:
+            return self.frozen_nets[name]
+        raise KeyError(f"no network '{name}' in the engine; have {sorted(self.engines) + sorted(self.frozen_nets)}")
+
+    def _engine(self, name: str) -> Any:
+        if name not in self.engines:
+            raise KeyError(f"'{name}' is not a trainable network of the engine; have {sorted(self.engines)}")
+        return self.engines[name]
+
+    # ---------------------------------------------------------------- training
+    def backward(self, name: str, loss: Tensor) -> None:
+        self._engine(name).backward(loss)
+
+    def step(self, name: str) -> dict[str, float]:
+        engine = self._engine(name)
+        lr = self.schedules[name].apply(engine.optimizer.param_groups)
+        engine.step()
+        self.schedules[name].advance()
+        engine.optimizer.zero_grad(set_to_none=True)
+        norm = engine.get_global_grad_norm()
+        return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr}
+
+    def zero_grad(self, name: str) -> None:
+        self._engine(name).optimizer.zero_grad(set_to_none=True)
+
+    @contextlib.contextmanager
+    def frozen(self, *names: str) -> Iterator[None]:
+        with common.no_grad_collection(self._engine(n).module for n in names):
+            yield
+
+    @torch.no_grad()
+    def ema_(self, target: str, source: str, decay: float) -> None:
+        for name, p, q in common.ema_pairs(self._engine(target).module, self._engine(source).module):
+            if p.ds_tensor.numel() != q.ds_tensor.numel() or p.ds_numel != q.ds_numel:
+                raise RuntimeError(f"EMA: {target}.{name} and {source}.{name} are partitioned differently")
+            master = safe_get_local_fp32_param(p)
+            master = master.lerp(safe_get_local_fp32_param(q).to(master.dtype), 1.0 - decay)
+            safe_set_local_fp32_param(p, master)
+            p.ds_tensor.copy_(master.to(p.ds_tensor.dtype))
+
+    def all_reduce_mean(self, value: Tensor) -> Tensor:
+        return common.all_reduce_mean(value, self.device)
+
+    # ---------------------------------------------------------------- state
+    def _layout(self, name: str) -> list[list[int]]:
+        """Partition sizes per sub-group: a checkpoint only fits an identically partitioned engine."""
+        return [[int(t.numel())] for t in self._engine(name).optimizer.fp32_partitioned_groups_flat]
+
+    def save(self, step_dir: Path) -> None:
+        for name, engine in self.engines.items():
+            folder = Path(step_dir) / name
+            state = engine.optimizer.state_dict()  # this rank's partitions (ZeRO-3 rigid state dict)
+            tensors, meta = split_optimizer_state(state["optimizer_state_dict"])
+            tensors.update({f"fp32.{i}": t for i, t in enumerate(state["fp32_flat_groups"])})
+            save_tensors(folder / f"rank{self.rank:05d}.safetensors", tensors)
+            meta.update(world_size=self.world_size, layout=self._layout(name))
+            save_json(folder / f"rank{self.rank:05d}.json", meta)
+            if self.rank == 0:
+                save_json(folder / "schedule.json", self.schedules[name].state_dict())
+        dist.barrier()
+
+    def load(self, step_dir: Path) -> None:
+        for name, engine in self.engines.items():
+            folder = Path(step_dir) / name
+            meta = load_json(folder / f"rank{self.rank:05d}.json")
+            if meta["world_size"] != self.world_size or meta["layout"] != self._layout(name):
+                raise ValueError(
+                    f"{folder}: saved by {meta['world_size']} ranks with partition layout {meta['layout']}; this run has "
+                    f"{self.world_size} ranks and {self._layout(name)}. Resume with the world size the checkpoint was written with."
+                )
+            tensors = load_tensors(folder / f"rank{self.rank:05d}.safetensors")
+            opt = engine.optimizer
+            flats = [tensors.pop(f"fp32.{i}") for i in range(len(opt.fp32_partitioned_groups_flat))]
+            # DeepSpeed's own loader restores the Adam moments, the fp32 masters and, from them,
+            # the bit16 partitions the forward gathers.
+            opt._rigid_load_state_dict(
+                {
+                    "loss_scaler": opt.loss_scaler,
+                    "dynamic_loss_scale": opt.dynamic_loss_scale,
+                    "overflow": False,
+                    "optimizer_state_dict": join_optimizer_state(tensors, meta, int_keys=True),
+                    "fp32_flat_groups": flats,
+                },
+                load_optimizer_states=True,
+            )
+            self.schedules[name].load_state_dict(load_json(folder / "schedule.json"))
+        dist.barrier()
+
+    def full_state_dict(self, name: str) -> dict[str, Tensor]:
+        """fp32 masters of trainable tensors, gathered bit16 values of frozen ones, buffers as held."""
+        module = self._engine(name).module
+        out: dict[str, Tensor] = {}
+        for key, p in module.named_parameters():
+            if p.requires_grad:
+                full = safe_get_full_fp32_param(p)
+            else:
+                with deepspeed.zero.GatheredParameters([p]):
+                    full = p.detach().clone()
+            if self.rank == 0:
+                out[key] = full.detach().to("cpu", torch.float32, copy=True)
+        if self.rank == 0:
+            out.update({k: b.detach().to("cpu", copy=True) for k, b in module.named_buffers()})
+        return out
+
+    def memory_report(self) -> dict[str, dict[str, int]]:
+        """Per trainable network, this rank's bytes of parameter partitions, gradient partitions
+        and optimizer state (Adam moments plus the fp32 master partitions)."""
+        report = {}
+        for name, engine in self.engines.items():
+            opt = engine.optimizer
+            inner = [v for s in opt.optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
+            grads = getattr(opt, "grad_partitions_flat_buffer", None)
+            report[name] = {
+                "params": common.nbytes(p.ds_tensor for p in engine.module.parameters()),
+                "grads": common.nbytes([grads]) if grads is not None else common.nbytes(opt.fp32_partitioned_groups_flat),
+                "optimizer": common.nbytes(inner) + common.nbytes(opt.fp32_partitioned_groups_flat),
+            }
+        return report

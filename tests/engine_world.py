@@ -1,0 +1,172 @@
+"""A tiny world for engine tests: toy networks with the shapes of spec 1.1 (block-structured
+denoisers, a discriminator with a frozen backbone and trainable heads, a frozen differentiable
+decoder) and a Flash-DMD-shaped iteration written only against the Engine interface, plus a
+runner that starts N gloo processes. Used by tests/test_engine_*.py and tests/test_checkpoint.py.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flashdmd.engine.base import Engine, OptimSpec
+
+DIM, GLOBAL_BATCH = 8, 4
+
+
+class ToyDenoiser(nn.Module):
+    """x_t, t -> prediction; three residual blocks in a ModuleList (sharded one by one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(DIM + 1, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.SiLU()) for _ in range(3))
+        self.out = nn.Linear(16, DIM)
+
+    def forward(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
+        h = self.embed(torch.cat([x, t[:, None] / 1000.0], dim=1))
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h)
+
+
+class ToyDiscriminator(nn.Module):
+    """Frozen random backbone, trainable heads on two feature levels (Pixel-GAN shape, spec 1.8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.ModuleList([nn.Linear(DIM, 12), nn.Linear(12, 12)])
+        self.backbone.requires_grad_(False)
+        self.heads = nn.ModuleList([nn.Linear(12, 1), nn.Linear(12, 1)])
+
+    def forward(self, images: Tensor) -> Tensor:
+        h1 = torch.tanh(self.backbone[0](images))
+        h2 = torch.tanh(self.backbone[1](h1))
+        return (self.heads[0](h1) + self.heads[1](h2)).squeeze(1)
+
+
+def make_nets(seed: int = 0) -> dict[str, nn.Module]:
+    """Teacher, generator and fake score share the teacher's weights (Algorithm 1 init)."""
+    torch.manual_seed(seed)
+    teacher = ToyDenoiser()
+    generator, fake = ToyDenoiser(), ToyDenoiser()
+    generator.load_state_dict(teacher.state_dict())
+    fake.load_state_dict(teacher.state_dict())
+    decoder = nn.Linear(DIM, DIM)
+    return {"teacher": teacher, "generator": generator, "fake_score": fake, "discriminator": ToyDiscriminator(), "decoder": decoder}
+
+
+def optim_specs() -> dict[str, OptimSpec]:
+    return {
+        "generator": OptimSpec(lr=1e-2, warmup_steps=2, schedule="cosine", total_steps=10, grad_clip=0.5),
+        "fake_score": OptimSpec(lr=1e-2, grad_clip=1.0),
+        "discriminator": OptimSpec(lr=1e-2, grad_clip=1.0),
+    }
+
+
+def setup_engine(engine: Engine, seed: int = 0) -> Engine:
+    nets = make_nets(seed)
+    trainable = {k: nets[k] for k in ("generator", "fake_score", "discriminator")}
+    engine.setup(trainable, optim_specs(), {"teacher": nets["teacher"], "decoder": nets["decoder"]})
+    return engine
+
+
+def global_batch(step: int) -> dict[str, Tensor]:
+    """The fixed global batch of one iteration (all randomness drawn here, identically everywhere)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return {
+        "z": torch.randn(GLOBAL_BATCH, DIM, generator=g),
+        "noise": torch.randn(GLOBAL_BATCH, DIM, generator=g),
+        "t": torch.randint(20, 980, (GLOBAL_BATCH,), generator=g).float(),
+        "real": torch.randn(GLOBAL_BATCH, DIM, generator=g) + 1.0,
+    }
+
+
+def shard(batch: dict[str, Tensor], rank: int, world: int) -> dict[str, Tensor]:
+    per = GLOBAL_BATCH // world
+    return {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+
+
+def iteration(engine: Engine, step: int, ema_decay: float = 0.9) -> dict[str, float]:
+    """One Flash-DMD-shaped iteration: generator (DM-like + GAN through the frozen D and
+    decoder), EMA pull of the fake score, fake-score denoising, discriminator hinge."""
+    b = shard(global_batch(step), engine.rank, engine.world_size)
+    t999 = torch.full((b["z"].shape[0],), 999.0)
+    a = (1 - b["t"] / 1000.0)[:, None]
+
+    x0 = engine["generator"](b["z"], t999, {})
+    with torch.no_grad():
+        x_t = a * x0 + (1 - a) * b["noise"]
+        target = x0 - 0.1 * (engine["teacher"](x_t, b["t"], {}) - engine["fake_score"](x_t, b["t"], {}))
+    dm = F.mse_loss(x0, target)
+    with engine.frozen("discriminator"):
+        gan = -engine["discriminator"](engine["decoder"](x0)).mean()
+    g_loss = dm + 0.5 * gan
+    engine.backward("generator", g_loss)
+    g_stats = engine.step("generator")
+    engine.ema_("fake_score", "generator", ema_decay)
+
+    x0 = x0.detach()
+    x_t = a * x0 + (1 - a) * b["noise"]
+    f_loss = F.mse_loss(engine["fake_score"](x_t, b["t"], {}), x0)
+    engine.backward("fake_score", f_loss)
+    engine.step("fake_score")
+
+    fake_img = engine["decoder"](x0)
+    d_loss = F.relu(1 - engine["discriminator"](b["real"])).mean() + F.relu(1 + engine["discriminator"](fake_img)).mean()
+    engine.backward("discriminator", d_loss)
+    engine.step("discriminator")
+    out = {"g_loss": g_loss.detach(), "f_loss": f_loss.detach(), "d_loss": d_loss.detach()}
+    stats = {k: float(engine.all_reduce_mean(v)) for k, v in out.items()}
+    return {**stats, "g_grad_norm": g_stats["grad_norm"], "g_lr": g_stats["lr"]}
+
+
+def full_weights(engine: Engine) -> dict[str, dict[str, Tensor]]:
+    """Every trainable network's full weights (collective; rank 0 gets them)."""
+    return {name: engine.full_state_dict(name) for name in ("generator", "fake_score", "discriminator")}
+
+
+# ------------------------------------------------------------------------------------ runner
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(*args)
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in result.items()}, out)
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world: int, fn: Callable[..., dict[str, Tensor]], *args: Any, tmp: Path) -> dict[str, Tensor]:
+    """Run ``fn(*args)`` on ``world`` gloo ranks; returns rank 0's flat tensor dict."""
+    from safetensors.torch import load_file
+
+    out = str(tmp / f"result-{os.getpid()}-{free_port()}.safetensors")
+    mp.start_processes(_worker, args=(world, free_port(), fn, args, out), nprocs=world, join=True, start_method="spawn")
+    return load_file(out)
+
+
+def flatten(nested: dict[str, dict[str, Tensor]], prefix: str = "") -> dict[str, Tensor]:
+    return {f"{prefix}{net}.{k}": v for net, sd in nested.items() for k, v in sd.items()}
