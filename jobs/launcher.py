@@ -114,7 +114,6 @@ def make_executor(plan: JobPlan, cfg: Config, folder: Path, dependency: str = ""
             tasks_per_node=params["processes"],
             nodes=1,
             gpus_per_node=min(params["processes"], torch.cuda.device_count()),
-            signal_delay_s=params["signal_delay_s"],
         )
         return executor
     cluster.require_sbatch()

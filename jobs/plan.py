@@ -63,7 +63,7 @@ def slurm_params(cfg: Config) -> dict[str, Any]:
 
 def local_params(cfg: Config) -> dict[str, Any]:
     """submitit's local executor: every task on this machine, one per GPU where there are GPUs."""
-    return {"processes": cfg.world_size, "timeout_min": cfg.launch.time_minutes, "signal_delay_s": cfg.launch.signal_lead_s}
+    return {"processes": cfg.world_size, "timeout_min": cfg.launch.time_minutes}
 
 
 def build_plan(job: str, preset: str, cfg: Config) -> JobPlan:

@@ -9,6 +9,7 @@
 #   scripts/slurm_up.sh            # start (or confirm) the cluster
 #   eval "$(scripts/slurm_up.sh)"  # ... and export SLURM_CONF for this shell
 #   scripts/slurm_down.sh          # stop it
+#   scripts/slurm_up.sh --install-only   # only install the packages (CI, before the tests)
 #
 # Settings: SLURM_TEST_DIR (state, logs, conf; default /tmp/flashdmd-slurm), SLURM_TEST_NODES,
 # SLURM_TEST_CPUS (per node; default 4), SLURM_TEST_PORT (slurmctld; slurmd ports follow).
@@ -42,6 +43,8 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
     || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $pkgs >/dev/null; } \
     || cannot "apt-get install $pkgs failed (no package mirror reachable?)"
 fi
+
+[ "${1:-}" = --install-only ] && exit 0
 
 export SLURM_CONF=$CONF
 if [ -f "$CONF" ] && timeout 10 sinfo -h >/dev/null 2>&1; then

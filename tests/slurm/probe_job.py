@@ -11,6 +11,7 @@ and a run id kept across requeues. Rank 0 appends one JSON line per event to
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -65,7 +66,7 @@ def main(cfg: Config, job: str) -> dict[str, Any]:
         dist.broadcast_object_list(ids, src=0)
         start, run_id = 0, ids[0]
     event(run_dir, ctx, "resume" if latest else "start", step=start, run_id=run_id, world=ctx.world_size,
-          master=f"{ctx.master_addr}:{ctx.master_port}", launcher=ctx.launcher)
+          master=f"{ctx.master_addr}:{ctx.master_port}", launcher=ctx.launcher, pid=os.getpid())
 
     for step in range(start, total):
         if guard.should_stop(step):
