@@ -21,6 +21,7 @@ log = logging.getLogger("flashdmd.data")
 REASONS = (
     "unreadable_shard",  # the URL cannot be opened or is not a tar file at all
     "truncated_tar",  # the tar ends inside a member; the samples before it are kept
+    "ungrouped_tar",  # a sample's members are not adjacent (plain `tar` without --sort=name); rest of shard skipped
     "missing_image",  # no jpg/jpeg/png/webp member
     "corrupt_image",  # the image bytes do not decode
     "missing_caption",  # no txt member, no caption in the json, or an empty caption

@@ -28,6 +28,10 @@ Prompt-only shards (stage 2, evaluation) hold ``k.txt`` (or ``k.json`` with a ca
 else; plain text (one prompt a line) or JSONL (``{"prompt": ...}`` or ``{"caption": ...}``) prompt
 lists are read by ``flashdmd.data.prompts.load_prompts`` as well.
 
+A sample's members must be adjacent in the tar. Plain ``tar`` writes directory order, so make
+shards from a folder with ``tar --sort=name -cf shard.tar -C folder .`` (GNU tar); a shard whose
+members are interleaved is skipped and counted as ``ungrouped_tar``.
+
 Shard names use brace notation for sets: ``/data/laion-{000000..000127}.tar``. The loaders also take
 a directory (all ``*.tar`` in it), several patterns joined by ``::``, and ``pipe:`` commands
 (``pipe:aws s3 cp s3://bucket/x-000001.tar -``).

@@ -192,10 +192,15 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         it = self._stream()
-        for _ in range(self.epoch_length - self.position.batches % self.epoch_length):
-            batch = next(it)
-            self._account(batch.pop("_meta"), len(batch["key"]))
-            yield batch
+        try:
+            for _ in range(self.epoch_length - self.position.batches % self.epoch_length):
+                batch = next(it)
+                self._account(batch.pop("_meta"), len(batch["key"]))
+                yield batch
+        except Exception:
+            it = None  # the traceback keeps this frame: drop the iterator so its workers stop now, not at exit
+            self.close()
+            raise
 
     def bad_counts(self) -> dict[str, int]:
         return dict(self.position.bad)

@@ -79,7 +79,8 @@ def read_shard(url: str, bad: BadSamples, wanted: Callable[[str], bool] | None =
     """Yield the samples of one tar shard; report an unreadable or truncated shard to ``bad``.
 
     ``wanted(ext)`` selects the members whose bytes are kept (the latent pipeline never keeps image
-    bytes). Consecutive members with the same key form a sample, as in webdataset.
+    bytes). Consecutive members with the same key form a sample, as in webdataset; a key that comes
+    back after another one (a tar written in directory order) stops the shard as ``ungrouped_tar``.
     """
     try:
         stream = gopen(url, "rb")
@@ -88,6 +89,7 @@ def read_shard(url: str, bad: BadSamples, wanted: Callable[[str], bool] | None =
         return
     current: RawSample | None = None
     members = samples = 0
+    done: set[str] = set()  # keys already started: a repeat means the tar is not grouped by sample
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
@@ -102,6 +104,10 @@ def read_shard(url: str, bad: BadSamples, wanted: Callable[[str], bool] | None =
                     yield current
                     current = None
                 if current is None:
+                    if key in done:
+                        bad.bad("ungrouped_tar", key, url, "members of one sample are not adjacent; write the tar with `tar --sort=name`")
+                        return
+                    done.add(key)
                     current = RawSample(key=key, shard=url)
                 if wanted is None or wanted(ext):
                     current.files[ext] = tar.extractfile(member).read()
