@@ -16,7 +16,6 @@ from flashdmd.nets.registry import build_parts
 from flashdmd.nets.tiny import _teacher_pipeline
 
 FAMILIES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3"]
-PRESET = {"tiny-sd15": "tiny-sdxl", "tiny-sdxl": "tiny-sdxl", "tiny-sd3": "tiny-sd3"}
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +25,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def parts(request: pytest.FixtureRequest, cache: Path):
-    cfg = load_config(PRESET[request.param], [f"model.family={request.param}", "model.lora.enabled=false"])
+    cfg = load_config(request.param, ["model.lora.enabled=false"])
     return build_parts(cfg, cache)
 
 
@@ -38,7 +37,7 @@ def _t(parts, values):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_save_load_round_trip(name: str, cache: Path) -> None:
     family = get_family(name)
-    cfg = load_config(PRESET[name], [f"model.family={name}"])
+    cfg = load_config(name)
     parts = build_parts(cfg, cache)
     folder = parts.extras["teacher_dir"]
     index = json.loads((folder / "model_index.json").read_text())

@@ -19,8 +19,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _parts(family: str, cache: Path, *overrides: str):
-    preset = "tiny-sd3" if family == "tiny-sd3" else "tiny-sdxl"
-    return build_parts(load_config(preset, [f"model.family={family}", *overrides]), cache)
+    return build_parts(load_config(family, list(overrides)), cache)
 
 
 def _pipeline(cls_name: str, parts):

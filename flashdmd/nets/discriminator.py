@@ -34,7 +34,8 @@ class SamBackbone(nn.Module):
         self.encoder = encoder
         config = encoder.config
         depth = config.num_hidden_layers
-        self.taps = list(taps) if taps else [depth * (i + 1) // 4 for i in range(4)] if depth >= 4 else list(range(1, depth + 1))
+        # default: 4 evenly spaced blocks (SAM ViT-B/L/H: exactly the global-attention blocks)
+        self.taps = list(taps) if taps else sorted({max(1, depth * (i + 1) // 4) for i in range(4)})
         bad = [k for k in self.taps if not 1 <= k <= depth]
         if bad:
             raise ValueError(f"model.sam_taps {bad} out of range: the SAM encoder has blocks 1..{depth}")
@@ -47,7 +48,8 @@ class SamBackbone(nn.Module):
         self.encoder.eval()
 
     @classmethod
-    def from_pretrained(cls, folder: Path, taps: list[int] | None = None, dtype: torch.dtype = torch.float32) -> "SamBackbone":
+    def from_pretrained(cls, folder: Path, taps: list[int] | None = None,
+                        dtype: torch.dtype = torch.float32) -> "SamBackbone":
         """A SamVisionModel folder, or a full SamModel folder (facebook/sam-vit-*) whose vision encoder is used."""
         from transformers import SamModel, SamVisionModel
 

@@ -58,7 +58,8 @@ def check_pipeline_folder(folder: Path, family: Family, need: list[str], what: s
     found = index.get("_class_name", "")
     if found != family.pipeline_class:
         other = KIND_OF_PIPELINE.get(found)
-        hint = f" (a folder of family '{other}'; set model.family={other} or point to a {family.kind} folder)" if other else ""
+        hint = (f" (a folder of family '{other}'; set model.family={other} or point to a {family.kind} folder)"
+                if other else "")
         raise LayoutError(f"{what}: '{folder}' holds a {found or 'unnamed'} pipeline{hint}, but model.family="
                           f"{family.name} expects {layout}")
     missing = [sub for sub in need if not (folder / sub).is_dir()]

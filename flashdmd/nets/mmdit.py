@@ -24,7 +24,8 @@ class MMDiTDenoiser(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         dtype = self.model.dtype
-        out = self.model(hidden_states=x_t.to(dtype), timestep=t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+        out = self.model(hidden_states=x_t.to(dtype), timestep=t,
+                         encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
                          pooled_projections=cond["pooled"].to(dtype), return_dict=False)[0]
         return out.to(x_t.dtype)
 

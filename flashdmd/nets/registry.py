@@ -91,7 +91,8 @@ def _discriminator(cfg: Config, family: Family, cache_dir: Path, dtype: torch.dt
 
 def _reward(cfg: Config, family: Family, teacher_dir: Path, cache_dir: Path, dtype: torch.dtype) -> nn.Module | None:
     if cfg.model.reward_model:
-        folder = resolve_source(cfg.model.reward_model, "model.reward_model", "an LRM folder (see flashdmd/nets/reward.py)")
+        folder = resolve_source(cfg.model.reward_model, "model.reward_model",
+                                "an LRM folder (see flashdmd/nets/reward.py)")
     elif family.tiny:
         folder = ensure_tiny_lrm(family, teacher_dir, cache_dir)
     else:

@@ -207,7 +207,8 @@ class LatentRewardModel(nn.Module):
             h = unet.mid_block(h, emb)
         return [res[i] for i in self.tap_index], h
 
-    def pooled_features(self, latents: Tensor, t: Tensor, cond: Conditioning, guidance_scale: float | None = None) -> Tensor:
+    def pooled_features(self, latents: Tensor, t: Tensor, cond: Conditioning,
+                        guidance_scale: float | None = None) -> Tensor:
         """The multi-scale feature vector before projection, with VFE on the mid block."""
         gs = self.guidance_scale if guidance_scale is None else guidance_scale
         n = latents.shape[0]
@@ -222,7 +223,8 @@ class LatentRewardModel(nn.Module):
         mid_enh = mid_u + gs * (mid_c - mid_u)  # VFE: V_mid_u + gs (V_mid_c - V_mid_u)
         return torch.cat([_pool(d)[:n] for d in downs] + [mid_enh], dim=-1)
 
-    def image_features(self, latents: Tensor, t: Tensor, cond: Conditioning, guidance_scale: float | None = None) -> Tensor:
+    def image_features(self, latents: Tensor, t: Tensor, cond: Conditioning,
+                       guidance_scale: float | None = None) -> Tensor:
         feats = self.pooled_features(latents, t, cond, guidance_scale)
         return self.visual_projection(feats.to(self.visual_projection.weight.dtype))
 

@@ -33,7 +33,7 @@ _TEXT_HIDDEN = 32
 
 def _byte_chars() -> list[str]:
     """GPT-2/CLIP byte -> printable unicode map (the alphabet of a byte-level BPE)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
     chars, extra = printable[:], 0
     for b in range(256):
         if b not in printable:

@@ -31,7 +31,8 @@ class UNetDenoiser(nn.Module):
         dtype = self.model.dtype
         kwargs: dict[str, Any] = {"encoder_hidden_states": cond["encoder_hidden_states"].to(dtype)}
         if self.added_conds:
-            kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"].to(dtype), "time_ids": cond["time_ids"].to(dtype)}
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"].to(dtype),
+                                           "time_ids": cond["time_ids"].to(dtype)}
         out = self.model(x_t.to(dtype), t, return_dict=False, **kwargs)[0]
         return out.to(x_t.dtype)
 
