@@ -94,10 +94,11 @@ class Schedule:
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"sample_t: need 0 <= lo < hi <= 1, got lo={lo}, hi={hi}")
         T = self.num_train_timesteps
+        gdev = generator.device if generator is not None else "cpu"
         if self.kind == "vp":
             low, high = int(round(lo * T)), min(int(round(hi * T)), T - 1)
-            return torch.randint(low, max(high, low) + 1, (n,), generator=generator).to(device)
-        u = torch.rand(n, generator=generator, dtype=torch.float64)
+            return torch.randint(low, max(high, low) + 1, (n,), generator=generator, device=gdev).to(device)
+        u = torch.rand(n, generator=generator, dtype=torch.float64, device=gdev)
         return ((lo + (hi - lo) * u) * T).to(torch.float32).to(device)
 
     def sampling_timesteps(self, num_steps: int) -> Tensor:
@@ -177,7 +178,8 @@ class FlowSchedule(Schedule):
     def sample_t_logit_normal(self, n: int, mean: float = 0.0, std: float = 1.0,
                               generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
         """SD3's training density: s = shift(sigmoid(N(mean, std))); returns t = T s (floats)."""
-        u = torch.randn(n, generator=generator, dtype=torch.float64) * std + mean
+        gdev = generator.device if generator is not None else "cpu"
+        u = torch.randn(n, generator=generator, dtype=torch.float64, device=gdev) * std + mean
         s = self.shift_sigma(torch.sigmoid(u))
         return (s * self.num_train_timesteps).to(torch.float32).to(device)
 
