@@ -138,7 +138,7 @@ def test_signal_on_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
     script.write_text(WORKER)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
     base.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port_for_job(str(os.getpid()))),
-                PYTHONPATH=str(ROOT))
+                PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")  # gloo on CPU even on a GPU machine
     procs = [subprocess.Popen([sys.executable, str(script)], env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
