@@ -1,0 +1,1 @@
+"""Quality metrics: exact ones for the gmm2d toy world (``gmm``)."""
