@@ -72,6 +72,20 @@ def test_sd3_matches_pipeline(cache: Path) -> None:
     assert pe.shape == (2, 16 + T5_LENGTH, 64) and pooled.shape == (2, 64)
 
 
+def test_sd3_with_t5_matches_pipeline(cache: Path) -> None:
+    parts = _parts("tiny-sd3", cache, "model.use_t5=true")
+    text = parts.extras["text_encoder"]
+    assert text.t5 is not None
+    pipe = _pipeline("StableDiffusion3Pipeline", parts)
+    pipe.text_encoder_3, pipe.tokenizer_3 = text.t5, text.t5_tokenizer
+    pe, npe, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu", do_classifier_free_guidance=True,
+                                            max_sequence_length=T5_LENGTH)
+    cond = parts.encode_prompts(PROMPTS)
+    torch.testing.assert_close(cond["encoder_hidden_states"], pe)
+    torch.testing.assert_close(parts.null_cond(2)["encoder_hidden_states"], npe)
+    assert cond["encoder_hidden_states"][:, 16:].abs().sum() > 0  # the T5 slot is filled, not zeros
+
+
 def test_sd15_matches_pipeline(cache: Path) -> None:
     parts = _parts("tiny-sd15", cache)
     pipe = _pipeline("StableDiffusionPipeline", parts)

@@ -25,7 +25,7 @@ import torch
 
 from flashdmd.nets.families import Family
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TOKEN_LENGTH = 16  # tiny CLIP context length (real CLIP: 77)
 T5_LENGTH = 8  # SD3's T5 slot length for tiny presets (diffusers default 256)
 _TEXT_HIDDEN = 32
@@ -55,7 +55,20 @@ def tiny_clip_tokenizer() -> Any:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TOKEN_LENGTH)
 
 
-def _clip_config(tokenizer: Any, projection: bool) -> Any:
+def tiny_t5() -> tuple[Any, Any]:
+    """SD3's optional third encoder: a tiny T5 encoder with a local Unigram (sentencepiece-style) vocabulary."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=T5_LENGTH)
+    config = T5Config(vocab_size=len(tokenizer), d_model=2 * _TEXT_HIDDEN, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config), tokenizer
+
+
+def _clip_config(tokenizer: Any) -> Any:
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -115,22 +128,23 @@ def _teacher_pipeline(family: Family) -> Any:
     vae = _vae(family)
     if family.kind == "sd15":
         return diffusers.StableDiffusionPipeline(
-            vae=vae, text_encoder=CLIPTextModel(_clip_config(tok, False)), tokenizer=tok, unet=tiny_unet(family),
+            vae=vae, text_encoder=CLIPTextModel(_clip_config(tok)), tokenizer=tok, unet=tiny_unet(family),
             scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                               clip_sample=False, set_alpha_to_one=False, steps_offset=1),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if family.kind == "sdxl":
         return diffusers.StableDiffusionXLPipeline(
-            vae=vae, text_encoder=CLIPTextModel(_clip_config(tok, False)),
-            text_encoder_2=CLIPTextModelWithProjection(_clip_config(tok, True)), tokenizer=tok, tokenizer_2=tok,
+            vae=vae, text_encoder=CLIPTextModel(_clip_config(tok)),
+            text_encoder_2=CLIPTextModelWithProjection(_clip_config(tok)), tokenizer=tok, tokenizer_2=tok,
             unet=tiny_unet(family),
             scheduler=diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
                                                        beta_end=0.012, timestep_spacing="leading", steps_offset=1))
+    t5, t5_tok = tiny_t5()
     return diffusers.StableDiffusion3Pipeline(
         transformer=_sd3_transformer(family), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae, text_encoder=CLIPTextModelWithProjection(_clip_config(tok, True)), tokenizer=tok,
-        text_encoder_2=CLIPTextModelWithProjection(_clip_config(tok, True)), tokenizer_2=tok,
-        text_encoder_3=None, tokenizer_3=None)
+        vae=vae, text_encoder=CLIPTextModelWithProjection(_clip_config(tok)), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(tok)), tokenizer_2=tok,
+        text_encoder_3=t5, tokenizer_3=t5_tok)
 
 
 def tiny_sam_config() -> Any:
