@@ -49,6 +49,7 @@ class BadSamples:
     good: int = 0
     last_shard: dict[str, str] = field(default_factory=dict)
     active: bool = True  # False while a resumed stream fast-forwards over already counted items
+    events: list[tuple[str, str, str, str]] | None = None  # if a list: (reason, key, shard, detail) of each bad item
 
     def ok(self) -> None:
         if self.active:
@@ -64,6 +65,8 @@ class BadSamples:
         self.seen += 1
         self.counts[reason] += 1
         self.last_shard[reason] = shard
+        if self.events is not None:
+            self.events.append((reason, key, shard, str(detail)))
         level = logging.WARNING if self.counts[reason] <= _LOGGED_PER_REASON else logging.DEBUG
         log.log(level, "%sskipping bad input (%s): key=%s shard=%s %s", self._prefix(), reason, key, shard, detail)
         self.check()
