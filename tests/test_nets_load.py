@@ -76,3 +76,22 @@ def test_hub_id_failure_is_clear(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LayoutError, match="could not fetch hub id 'nobody/not-a-model'"):
         resolve_source("nobody/not-a-model", "model.teacher", "a diffusers folder")
+
+
+def test_hub_patterns_fetch_only_needed_files() -> None:
+    import fnmatch
+
+    from flashdmd.nets.load import hub_patterns
+
+    files = ["model_index.json", "sd3_medium.safetensors", "transformer/diffusion_pytorch_model.safetensors",
+             "transformer/config.json", "text_encoder_2/model.safetensors", "tokenizer_2/merges.txt",
+             "text_encoder_3/model-00001-of-00002.safetensors", "tokenizer_3/spiece.model", "vae/model.onnx"]
+
+    def fetched(use_t5: bool) -> set[str]:
+        patterns = hub_patterns(get_family("sd3"), use_t5)
+        return {f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns)}
+
+    without = fetched(False)
+    assert without == {"model_index.json", "transformer/diffusion_pytorch_model.safetensors",
+                       "transformer/config.json", "text_encoder_2/model.safetensors", "tokenizer_2/merges.txt"}
+    assert fetched(True) == without | {"text_encoder_3/model-00001-of-00002.safetensors", "tokenizer_3/spiece.model"}

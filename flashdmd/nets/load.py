@@ -29,6 +29,16 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.count("/") != 1 or Path(source).exists()
 
 
+def hub_patterns(family: Family, use_t5: bool) -> list[str]:
+    """Files of a hub pipeline repo this family needs: configs, tokenizers and safetensors of the
+    used subfolders, never the root single-file checkpoints nor T5 unless asked (SD3's T5 is ~9 GB)."""
+    subs = [family.denoiser_folder, "vae", "scheduler", *family.text_folders,
+            *(f.replace("text_encoder", "tokenizer") for f in family.text_folders)]
+    if use_t5:
+        subs += ["text_encoder_3", "tokenizer_3"]
+    return ["model_index.json"] + [f"{sub}/*.{ext}" for sub in subs for ext in ("json", "txt", "model", "safetensors")]
+
+
 def resolve_source(source: str, what: str, layout: str, revision: str = "",
                    allow_patterns: list[str] | None = None) -> Path:
     """A local folder, or a hub id downloaded (or found in the hub cache); errors name ``what``."""
@@ -42,7 +52,9 @@ def resolve_source(source: str, what: str, layout: str, revision: str = "",
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(source, revision=revision or None, allow_patterns=allow_patterns))
+        # fp16 variants duplicate the full-precision files; from_pretrained reads the latter
+        return Path(snapshot_download(source, revision=revision or None, allow_patterns=allow_patterns,
+                                      ignore_patterns=["*.fp16.safetensors"] if allow_patterns else None))
     except Exception as err:  # network, auth or unknown repo: all need the same user action
         raise LayoutError(f"{what}: could not fetch hub id '{source}' ({type(err).__name__}: {err}); "
                           f"download it first or give a local folder holding {layout}") from err

@@ -26,7 +26,7 @@ from flashdmd.config import Config
 from flashdmd.nets.discriminator import PixelGANDiscriminator, SamBackbone
 from flashdmd.nets.families import Family, get_family
 from flashdmd.nets.interfaces import Conditioning
-from flashdmd.nets.load import DTYPES, PipelineParts, freeze, load_pipeline_folder, resolve_source
+from flashdmd.nets.load import DTYPES, PipelineParts, freeze, hub_patterns, load_pipeline_folder, resolve_source
 from flashdmd.nets.lora import add_lora
 from flashdmd.nets.mmdit import MMDiTDenoiser
 from flashdmd.nets.parts import Parts
@@ -43,12 +43,8 @@ def _teacher_folder(cfg: Config, family: Family, cache_dir: Path) -> Path:
             raise ValueError(f"model.teacher must be empty for {family.name} (tiny weights are built locally); "
                              f"use model.family={family.kind} for real weights")
         return ensure_tiny_teacher(family, cache_dir)
-    skip_t5 = None if cfg.model.use_t5 else ["text_encoder_3/*", "tokenizer_3/*"]
-    patterns = None if skip_t5 is None else ["*.json", "*.txt", "*.model", "unet/*", "transformer/*", "vae/*",
-                                             "text_encoder/*", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*",
-                                             "scheduler/*"]
     return resolve_source(cfg.model.teacher or family.default_teacher, "model.teacher", family.expected_layout(),
-                          cfg.model.revision, patterns)
+                          cfg.model.revision, hub_patterns(family, cfg.model.use_t5))
 
 
 def _prediction(cfg: Config, family: Family, parts: PipelineParts) -> str:
