@@ -108,7 +108,8 @@ def test_generator_and_fake_score_start_at_teacher(parts) -> None:
 def test_gradients_flow_to_generator_only(parts) -> None:
     cond = parts.encode_prompts(["a cat", "a dog"])
     x, t = torch.randn(2, *parts.latent_shape), _t(parts, [249, 249])
-    for step in range(2):  # the second pass is timed (the first pays one-off initialisation)
+    elapsed = []
+    for _ in range(3):  # best of 3: the first pass pays one-off initialisation, others share the CPU
         for net in (parts.generator, parts.discriminator):
             net.zero_grad(set_to_none=True)
         start = time.perf_counter()
@@ -118,8 +119,8 @@ def test_gradients_flow_to_generator_only(parts) -> None:
         logits = parts.discriminator(images)
         assert logits.shape == (2,)
         (-logits.mean()).backward()
-        elapsed = time.perf_counter() - start
-    assert elapsed < 3.0, f"tiny forward+backward took {elapsed:.2f} s"
+        elapsed.append(time.perf_counter() - start)
+    assert min(elapsed) < 2.0, f"tiny forward+backward took {min(elapsed):.2f} s at best"
     trainable = [p for p in parts.generator.parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None for p in trainable)
     assert any(p.grad.abs().sum() > 0 for p in trainable)
