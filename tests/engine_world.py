@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -50,18 +51,28 @@ class ToyDiscriminator(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         h1 = torch.tanh(self.backbone[0](images))
         h2 = torch.tanh(self.backbone[1](h1))
-        return (self.heads[0](h1) + self.heads[1](h2)).squeeze(1)
+        return (self.heads[0](h1) + self.heads[1](h2))[:, 0].clone()
 
 
-def make_nets(seed: int = 0) -> dict[str, nn.Module]:
-    """Teacher, generator and fake score share the teacher's weights (Algorithm 1 init)."""
-    torch.manual_seed(seed)
+def make_nets(scramble: bool = False) -> dict[str, nn.Module]:
+    """Teacher, generator and fake score share the teacher's weights (Algorithm 1 init).
+    ``scramble``: the trainable weights (not the frozen ones, which come from pretrained
+    sources in real runs) are drawn afresh, so a resume that fails to load shows."""
+    torch.manual_seed(0)
     teacher = ToyDenoiser()
     generator, fake = ToyDenoiser(), ToyDenoiser()
     generator.load_state_dict(teacher.state_dict())
     fake.load_state_dict(teacher.state_dict())
-    decoder = nn.Linear(DIM, DIM)
-    return {"teacher": teacher, "generator": generator, "fake_score": fake, "discriminator": ToyDiscriminator(), "decoder": decoder}
+    nets = {"teacher": teacher, "generator": generator, "fake_score": fake, "discriminator": ToyDiscriminator(),
+            "decoder": nn.Linear(DIM, DIM)}
+    if scramble:
+        torch.manual_seed(123)
+        with torch.no_grad():
+            for name in ("generator", "fake_score", "discriminator"):
+                for p in nets[name].parameters():
+                    if p.requires_grad:
+                        p.normal_()
+    return nets
 
 
 def optim_specs() -> dict[str, OptimSpec]:
@@ -72,8 +83,8 @@ def optim_specs() -> dict[str, OptimSpec]:
     }
 
 
-def setup_engine(engine: Engine, seed: int = 0) -> Engine:
-    nets = make_nets(seed)
+def setup_engine(engine: Engine, scramble: bool = False) -> Engine:
+    nets = make_nets(scramble)
     trainable = {k: nets[k] for k in ("generator", "fake_score", "discriminator")}
     engine.setup(trainable, optim_specs(), {"teacher": nets["teacher"], "decoder": nets["decoder"]})
     return engine
@@ -152,11 +163,16 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in result.items()}, out)
+        dist.barrier()
+        dist.destroy_process_group()
     except BaseException:
         traceback.print_exc()
         raise
-    finally:
-        dist.destroy_process_group()
+    # Leave without interpreter teardown: DeepSpeed's and gloo's background threads can abort
+    # the process at exit ("terminate called without an active exception") after the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(world: int, fn: Callable[..., dict[str, Tensor]], *args: Any, tmp: Path) -> dict[str, Tensor]:
@@ -170,3 +186,84 @@ def run_ranks(world: int, fn: Callable[..., dict[str, Tensor]], *args: Any, tmp:
 
 def flatten(nested: dict[str, dict[str, Tensor]], prefix: str = "") -> dict[str, Tensor]:
     return {f"{prefix}{net}.{k}": v for net, sd in nested.items() for k, v in sd.items()}
+
+
+# ------------------------------------------------------------------------------ runs (spawned)
+def make_engine(kind: str) -> Engine:
+    """The engine under test; the sharded ones also shard the frozen teacher (teacher_sharding=zero3)."""
+    if kind == "local":
+        from flashdmd.engine.local import LocalEngine
+
+        return LocalEngine("cpu")
+    if kind == "ddp":
+        from flashdmd.engine.ddp import DDPEngine
+
+        return DDPEngine()
+    if kind == "fsdp":
+        from flashdmd.engine.fsdp import FSDPEngine
+
+        return FSDPEngine(teacher_sharding="zero3")
+    if kind == "deepspeed":
+        from flashdmd.engine.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(teacher_sharding="zero3")
+    raise ValueError(kind)
+
+
+def _record(engine: Engine, losses: list[dict[str, float]], first_step: int) -> dict[str, Tensor]:
+    out = flatten(full_weights(engine), prefix="w.")
+    for i, stats in enumerate(losses):
+        out.update({f"loss.{first_step + i}.{k}": torch.tensor(v) for k, v in stats.items()})
+    return out
+
+
+def train_run(kind: str, n: int, save_at: int = 0, ckpt_dir: str = "") -> dict[str, Tensor]:
+    """n iterations from the shared init; with ``save_at``, a checkpoint after that many."""
+    from flashdmd.checkpoint import save_checkpoint
+
+    engine = setup_engine(make_engine(kind))
+    losses = []
+    for step in range(n):
+        losses.append(iteration(engine, step))
+        if save_at and step + 1 == save_at:
+            save_checkpoint(engine, ckpt_dir, save_at, trainer={"mlflow_run_id": "run-1"},
+                            rank_state={"position": 10 * save_at + engine.rank}, keep_last=2)
+    out = _record(engine, losses, 0)
+    if kind == "deepspeed":
+        out.update(_deepspeed_checks(engine, Path(ckpt_dir or "/tmp") / f"ds-native-{os.getppid()}"))
+    return out
+
+
+def resume_run(kind: str, n: int, ckpt_dir: str) -> dict[str, Tensor]:
+    """Fresh processes, scrambled trainable weights, then the newest valid checkpoint and on to n."""
+    from flashdmd.checkpoint import latest_valid, load_checkpoint
+
+    engine = setup_engine(make_engine(kind), scramble=True)
+    resumed = load_checkpoint(engine, latest_valid(ckpt_dir))
+    assert resumed.trainer["mlflow_run_id"] == "run-1"
+    assert resumed.rank_state["position"] == 10 * resumed.step + engine.rank
+    losses = [iteration(engine, step) for step in range(resumed.step, n)]
+    return _record(engine, losses, resumed.step)
+
+
+def _deepspeed_checks(engine: Engine, native_dir: Path) -> dict[str, Tensor]:
+    """Export equals DeepSpeed's own zero_to_fp32 consolidation; EMA refuses unlike networks.
+
+    DeepSpeed's native checkpoint pickles; it is written here to a private temporary directory
+    only to compare against, never by the engine."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ours = engine.full_state_dict("generator")
+    engine.engines["generator"].save_checkpoint(str(native_dir), tag="t")
+    dist.barrier()
+    checks = {}
+    if engine.rank == 0:
+        theirs = get_fp32_state_dict_from_zero_checkpoint(str(native_dir), tag="t")
+        assert theirs.keys() == ours.keys(), sorted(theirs.keys() ^ ours.keys())
+        checks["check.zero_to_fp32_maxdiff"] = torch.tensor(max((ours[k] - theirs[k]).abs().max().item() for k in ours))
+    try:
+        engine.ema_("discriminator", "generator", 0.5)
+        checks["check.ema_mismatch_raises"] = torch.tensor(0)
+    except ValueError:
+        checks["check.ema_mismatch_raises"] = torch.tensor(1)
+    return checks

@@ -1,0 +1,76 @@
+"""Choose and build the engine from the config (issue 6): ``engine.kind`` and the world size.
+
+local + 1 process -> LocalEngine; local + several processes -> DDPEngine; fsdp -> FSDPEngine;
+deepspeed -> DeepSpeedEngine (imported only when chosen: DeepSpeed picks its accelerator at
+import and its init must not interfere with other backends, DeepSpeed #7252). The process
+group is the launcher's job (flashdmd.distributed.init_distributed); fsdp and deepspeed need it
+even for one process.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from flashdmd.config import Config
+from flashdmd.engine.base import Engine, OptimSpec
+
+
+def optim_specs(cfg: Config, stage: int = 1) -> dict[str, OptimSpec]:
+    """AdamW settings per trainable network from ``cfg.stage1`` (spec 1.6 [INF]); in stage 2 the
+    generator uses ``stage2.rl_lr`` (0 -> stage1.generator_lr) and every schedule spans
+    ``stage2.iterations``."""
+    s1 = cfg.stage1
+    total = s1.iterations if stage == 1 else cfg.stage2.iterations
+    gen_lr = s1.generator_lr if stage == 1 or cfg.stage2.rl_lr == 0 else cfg.stage2.rl_lr
+
+    def spec(lr: float) -> OptimSpec:
+        return OptimSpec(
+            lr=lr,
+            betas=(s1.adam_betas[0], s1.adam_betas[1]),
+            weight_decay=s1.weight_decay,
+            warmup_steps=s1.warmup_steps,
+            schedule=s1.lr_schedule,
+            total_steps=total,
+            grad_clip=s1.grad_clip,
+        )
+
+    return {"generator": spec(gen_lr), "fake_score": spec(s1.fake_lr), "discriminator": spec(s1.disc_lr)}
+
+
+def build_engine(cfg: Config, device: torch.device | None = None) -> Engine:
+    """An engine for ``cfg.engine``, not yet set up (call ``setup`` with the networks)."""
+    e = cfg.engine
+    distributed = dist.is_available() and dist.is_initialized()
+    if e.kind == "local":
+        if distributed and dist.get_world_size() > 1:
+            from flashdmd.engine.ddp import DDPEngine
+
+            return DDPEngine(device)
+        from flashdmd.engine.local import LocalEngine
+
+        return LocalEngine(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not distributed:
+        raise RuntimeError(
+            f"engine.kind={e.kind} needs a process group; start through the launcher "
+            "(flashdmd.distributed.init_distributed) or use engine.kind=local"
+        )
+    if e.kind == "fsdp":
+        from flashdmd.engine.fsdp import FSDPEngine
+
+        return FSDPEngine(
+            precision=e.precision,
+            gradient_checkpointing=e.gradient_checkpointing,
+            offload=e.offload_params or e.offload_optimizer,
+            teacher_sharding=e.teacher_sharding,
+        )
+    if e.kind == "deepspeed":
+        from flashdmd.engine.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(
+            precision=e.precision,
+            gradient_checkpointing=e.gradient_checkpointing,
+            offload_optimizer=e.offload_optimizer,
+            offload_params=e.offload_params,
+            teacher_sharding=e.teacher_sharding,
+        )
+    raise ValueError(f"engine.kind must be local, fsdp or deepspeed, got {e.kind!r}")
