@@ -75,6 +75,16 @@ def check_shards(cfg: Config, pattern: str | None = None) -> list[str]:
     return urls
 
 
+def _rest_of(stream) -> int:
+    """Bytes left after the header loop stopped. tarfile stops silently both at the end-of-archive
+    zero blocks and at a plain end of file; only a complete tar has its second zero block (and
+    usually record padding) left to read, so 0 here means the file was cut at a block boundary."""
+    total = 0
+    while chunk := stream.read(1 << 16):
+        total += len(chunk)
+    return total
+
+
 def read_shard(url: str, bad: BadSamples, wanted: Callable[[str], bool] | None = None) -> Iterator[RawSample]:
     """Yield the samples of one tar shard; report an unreadable or truncated shard to ``bad``.
 
@@ -111,6 +121,8 @@ def read_shard(url: str, bad: BadSamples, wanted: Callable[[str], bool] | None =
                     current = RawSample(key=key, shard=url)
                 if wanted is None or wanted(ext):
                     current.files[ext] = tar.extractfile(member).read()
+            if members and not _rest_of(tar.fileobj):
+                raise tarfile.ReadError("the tar ends without its end-of-archive blocks (cut at a block boundary)")
         if current is not None:
             samples += 1
             yield current
