@@ -2,70 +2,58 @@
 
 Implements issue 7 item 3 (see ../shared/research/anchors_jobsystem.md section 4).
 
-Shape of the thing:
-
 * ``open_tracker(cfg, rank, run_id, parent_run_id)`` returns a ``Tracker`` on rank 0 (a new MLflow
   run, or the continuation of ``run_id`` after a resume) and a ``NullTracker`` elsewhere.
 * The training step never waits on MLflow.  ``log_metrics`` appends one line to
-  ``<run_dir>/metrics.jsonl`` (the local copy and the source of truth) and queues the points; one
-  background thread owns the ``MlflowClient`` (the fluent API is not thread safe) and sends
-  queued points with ``log_batch`` every ``flush_interval_s``, images and artifacts as they come.
-* An unreachable store never stops training.  The first failure is reported once; from then on
-  points go only to the JSONL copy, and when the store answers again the thread re-syncs the run
-  from the JSONL copy (``sync_from_jsonl``: only (key, step) pairs the run lacks are sent), so the
-  run ends holding every step.  Other operations (tags, artifacts) are kept and retried in order.
+  ``<run_dir>/metrics.jsonl`` (the local copy and the source of truth); a writer process
+  (``flashdmd.tracking_writer``) tails that file and sends the points in batches, and receives
+  artifacts, tags, flush and close requests over a pipe.  The writer also retries, reports an
+  unreachable store once, and re-syncs the run from the JSONL copy when the store answers again.
 * Continuing a run never duplicates a step: the JSONL copy is written before anything is sent, so
-  its last step bounds what the run may already hold; ``log_metrics`` ignores steps up to it.  After
-  a resume from checkpoint step S, the replayed steps S+1..k that were logged before the
+  its last step bounds what the run may already hold, and ``log_metrics`` ignores steps up to it.
+  After a resume from checkpoint step S, the replayed steps S+1..k that were logged before the
   interruption therefore keep their first values (MLflow cannot delete single points).
-* Params are immutable in MLflow, so a continued run does not re-log them; keys whose value
-  changed are listed in the tag ``flashdmd.config_changed_on_resume``.
+* Params are immutable in MLflow: a continued run does not re-log them; keys whose value changed
+  are listed in the tag ``flashdmd.config_changed_on_resume``.
 
-Store: ``cfg.tracking_uri`` (a server, or MLflow 3's SQLite default placed under the run root, with
-artifacts in ``<run_root>/mlartifacts``).  For http(s) stores MLflow's own HTTP retries (7 with
-exponential backoff by default, minutes per call) are turned down for this process unless the user
-set them, because the thread here does its own retrying.
+Store: ``cfg.tracking_uri`` (a server, or MLflow 3's SQLite default under the run root, with
+artifacts in ``<run_root>/mlartifacts`` instead of MLflow's ``./mlruns`` next to the working
+directory).  For http(s) stores the writer turns MLflow's own HTTP retries down (7 with
+exponential backoff by default: minutes per call) unless the user set them; it retries itself.
 """
 from __future__ import annotations
 
-import argparse
-import collections
 import json
-import logging
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import RunStatus
 from mlflow.utils.validation import (
     MAX_ENTITY_KEY_LENGTH,
-    MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
-    MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
     path_not_unique,
     validate_param_and_metric_name,
 )
 from PIL import Image
 
-from flashdmd.config import Config, flatten, to_dict, to_yaml
+from flashdmd.config import REPO_ROOT, Config, flatten, to_dict, to_yaml
 from flashdmd.repro import git_state, repro_bundle
+from flashdmd.tracking_writer import PARENT_TAG, read_jsonl, sync_from_jsonl
 
-log = logging.getLogger(__name__)
+__all__ = ["NullTracker", "Tracker", "open_tracker", "sync_from_jsonl", "read_jsonl", "image_grid", "PARENT_TAG"]
 
 JSONL_NAME = "metrics.jsonl"
 TRUNCATED = "...[truncated]"
-PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the child under the parent
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+STATUSES = tuple(RunStatus.to_string(s) for s in RunStatus.all_status())
 
 
 def _clip(text: str, limit: int) -> str:
@@ -117,54 +105,6 @@ def image_grid(images: torch.Tensor) -> np.ndarray:
     return grid.permute(1, 2, 0).numpy()
 
 
-# --------------------------------------------------------------------------------------------
-# Re-sync from the JSONL copy
-# --------------------------------------------------------------------------------------------
-
-
-def read_jsonl(path: Path, upto_bytes: int | None = None) -> list[dict[str, Any]]:
-    """The records of a metrics JSONL file; a torn last line (a crash mid-write) is ignored."""
-    if not path.is_file():
-        return []
-    with open(path, "rb") as handle:
-        data = handle.read() if upto_bytes is None else handle.read(upto_bytes)
-    records = []
-    for line in data.splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def sync_from_jsonl(
-    jsonl_path: str | Path, run_id: str, client: MlflowClient | str, upto_bytes: int | None = None
-) -> int:
-    """Send every (key, step) point of the JSONL copy that run ``run_id`` lacks; return how many.
-
-    ``client`` is an ``MlflowClient`` or a tracking URI.  Points already in the run are left as they
-    are, so calling this twice, or after a normal run, adds nothing.
-    """
-    client = MlflowClient(tracking_uri=client) if isinstance(client, str) else client
-    records = read_jsonl(Path(jsonl_path), upto_bytes)
-    keys = {key for record in records for key in record["metrics"]}
-    present = {key: {m.step for m in client.get_metric_history(run_id, key)} for key in keys}
-    missing = [
-        Metric(key, float(value), record["time"], record["step"])
-        for record in records
-        for key, value in record["metrics"].items()
-        if record["step"] not in present[key]
-    ]
-    for start in range(0, len(missing), MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=missing[start : start + MAX_METRICS_PER_BATCH])
-    return len(missing)
-
-
-# --------------------------------------------------------------------------------------------
-# Trackers
-# --------------------------------------------------------------------------------------------
-
-
 class NullTracker:
     """The tracker of ranks other than 0: the same interface, nothing logged."""
 
@@ -191,58 +131,54 @@ class NullTracker:
         pass
 
 
-Op = Callable[[MlflowClient, str], None]
-
-
 class Tracker(NullTracker):
-    """Rank 0's MLflow logger; see the module docstring for the threading and failure model."""
+    """Rank 0's MLflow logger: JSONL now, MLflow from the writer process (see the module docstring)."""
 
-    def __init__(
-        self,
-        client: MlflowClient,
-        run_dir: Path,
-        start_run: Callable[[MlflowClient], str],
-        *,
-        continuing: bool,
-        flush_interval_s: float = 1.0,
-        max_backoff_s: float = 30.0,
-    ) -> None:
-        self._client = client
+    def __init__(self, setup: dict[str, Any], run_dir: Path, continuing: bool) -> None:
         self._run_dir = run_dir
-        self._start_run = start_run
-        self._interval = flush_interval_s
-        self._max_backoff = max_backoff_s
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._ready = threading.Event()  # set after the first attempt to start the run
-        self._idle = threading.Event()  # set whenever nothing is pending
-        self._closing = False
-        self._run_id: str | None = None
-        self._points: list[Metric] = []
-        self._ops: collections.deque[Op] = collections.deque()
-        self._failing = False  # the store did not answer; points go to the JSONL copy only
-        self._needs_sync = continuing  # a continued run may lack points its JSONL copy holds
-        self._failures = 0
-
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = run_dir / JSONL_NAME
         if not continuing and self.jsonl_path.exists():
             # a new run under an old run directory: keep the old copy, start a fresh one
             self.jsonl_path.rename(run_dir / f"metrics.{int(self.jsonl_path.stat().st_mtime)}.jsonl")
-        records = read_jsonl(self.jsonl_path)
-        self._skip_through = max((r["step"] for r in records), default=-1)
+        self._skip_through = max((r["step"] for r in read_jsonl(self.jsonl_path)), default=-1)
+        self._valid_keys: set[str] = set()
         self._jsonl = open(self.jsonl_path, "ab")
-        self._jsonl_bytes = self._jsonl.tell()
+        self._uri = setup["uri"]
 
-        self._thread = threading.Thread(target=self._loop, name="flashdmd-mlflow", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()
+        self._run_id: str | None = None
+        self._ready = threading.Event()  # the run exists, or the first attempt failed
+        self._flushed: dict[int, threading.Event] = {}
+        self._next_flush = 0
+        self._closed_ok: bool | None = None
+        self._writer_gone = False
+
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        if self._uri.startswith(("http://", "https://")):
+            env.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            env.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # own session: a Ctrl-C meant for training leaves the writer free to flush after stdin closes
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "flashdmd.tracking_writer"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, start_new_session=True,
+        )  # fmt: skip
+        self._reader = threading.Thread(target=self._read_replies, name="flashdmd-mlflow-replies", daemon=True)
+        self._reader.start()
+        self._send(setup)
 
     # -- the interface ---------------------------------------------------------------------
 
     @property
     def run_id(self) -> str | None:
-        """The MLflow run id; None only while the store has not been reachable since the start."""
+        """The MLflow run id; None only while the store has not answered since the start."""
         return self._run_id
+
+    @property
+    def writer_pid(self) -> int:
+        """The process id of the writer process (for resource accounting)."""
+        return self._proc.pid
 
     @property
     def skip_through(self) -> int:
@@ -250,219 +186,104 @@ class Tracker(NullTracker):
         return self._skip_through
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Record ``metrics`` at ``step``: a JSONL line now, MLflow from the background thread."""
+        """Record ``metrics`` at ``step``: one JSONL line; the writer sends it to MLflow."""
         if step <= self._skip_through or not metrics:
             return
         values = {}
         for key, value in metrics.items():
-            _check_key(key)
+            if key not in self._valid_keys:  # MLflow would reject the whole batch later
+                _check_key(key)
+                self._valid_keys.add(key)
             values[key] = float(value)
-        stamp = _now_ms()
-        line = json.dumps({"step": step, "time": stamp, "metrics": values}).encode() + b"\n"
+        line = json.dumps({"step": step, "time": int(time.time() * 1000), "metrics": values}).encode() + b"\n"
         with self._lock:
             self._jsonl.write(line)
-            self._jsonl.flush()
-            self._jsonl_bytes += len(line)
-            if not self._failing:
-                self._points.extend(Metric(k, v, stamp, step) for k, v in values.items())
-            self._idle.clear()
+            self._jsonl.flush()  # the writer process reads the file
 
     def log_images(self, name: str, images: torch.Tensor, step: int) -> None:
         """A PNG grid of ``images`` ([N, 3, H, W] in [-1, 1]) as artifact samples/<name>/step_<step>.png."""
         _check_key(name)
-        grid = image_grid(images)
         path = self._run_dir / "samples" / name / f"step_{step:08d}.png"
-
-        def op(client: MlflowClient, run_id: str) -> None:
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(grid).save(path)
-            client.log_artifact(run_id, str(path), f"samples/{name}")
-
-        self._submit(op)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image_grid(images)).save(path, compress_level=1)  # fast; grids are small
+        self._send({"op": "artifact", "path": str(path), "dir": f"samples/{name}"})
 
     def log_config(self, cfg: Config) -> None:
         """The resolved config (config/config.yaml) and the reproducibility bundle (config/repro.json)."""
         files = {"config.yaml": to_yaml(cfg), "repro.json": json.dumps(repro_bundle(cfg), indent=2)}
         for name, text in files.items():
             (self._run_dir / name).write_text(text)
-
-        def op(client: MlflowClient, run_id: str) -> None:
-            for name in files:
-                client.log_artifact(run_id, str(self._run_dir / name), "config")
-
-        self._submit(op)
+            self._send({"op": "artifact", "path": str(self._run_dir / name), "dir": "config"})
 
     def log_checkpoint(self, path: str | Path, step: int) -> None:
         """Reference a checkpoint by path (tags; multi-GB checkpoints are not uploaded)."""
-        tags = [RunTag("checkpoint.path", _clip(str(path), MAX_TAG_VAL_LENGTH)), RunTag("checkpoint.step", str(step))]
-        self._submit(lambda client, run_id: client.log_batch(run_id, tags=tags))
+        tags = {"checkpoint.path": _clip(str(path), MAX_TAG_VAL_LENGTH), "checkpoint.step": str(step)}
+        self._send({"op": "tags", "tags": tags})
 
     def flush(self, timeout_s: float = 60.0) -> bool:
-        """Wait until everything queued has reached the store; False if that took over ``timeout_s``."""
-        self._wake.set()
-        return self._idle.wait(timeout_s)
+        """Wait until everything logged so far is in the store; False if not within ``timeout_s``."""
+        with self._lock:
+            flush_id, self._next_flush = self._next_flush, self._next_flush + 1
+            done = self._flushed[flush_id] = threading.Event()
+        self._send({"op": "flush", "id": flush_id})
+        return done.wait(timeout_s)
 
     def close(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
-        """Flush, mark the run ``status`` (FINISHED, FAILED, KILLED) and stop the thread.
+        """Send what is left, mark the run ``status`` (FINISHED, FAILED, KILLED), end the writer.
 
-        What could not be delivered within ``timeout_s`` stays in the JSONL copy; the message says
-        how to send it later.
+        What does not reach the store within ``timeout_s`` stays in the JSONL copy; the writer's
+        message on stderr says how to send it later.
         """
-        if status not in [RunStatus.to_string(s) for s in RunStatus.all_status()]:
+        if status not in STATUSES:
             raise ValueError(f"close(status={status!r}): use FINISHED, FAILED or KILLED")
-        self._submit(lambda client, run_id: client.set_terminated(run_id, status))
-        delivered = self.flush(timeout_s)
+        self._send({"op": "close", "status": status, "timeout_s": timeout_s})
         with self._lock:
-            self._closing = True
             self._jsonl.close()
-        self._wake.set()
-        self._thread.join(timeout=5.0)
-        if not delivered:
-            log.warning(
-                "MLflow: not everything reached %s before close; the metrics are in %s; send them with "
-                "`python -m flashdmd.tracking sync %s %s --uri %s`",
-                self._client.tracking_uri, self.jsonl_path, self.jsonl_path, self._run_id, self._client.tracking_uri,
-            )
+        try:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=timeout_s + 30)
+        except (OSError, subprocess.TimeoutExpired):
+            self._proc.kill()
+            self._proc.wait()
+        self._reader.join(timeout=5)
 
     def wait_ready(self, timeout_s: float) -> bool:
-        """Wait for the first attempt to start (or continue) the run."""
+        """Wait until the run exists, or the first attempt to reach the store has failed."""
         return self._ready.wait(timeout_s)
 
-    # -- the background thread --------------------------------------------------------------
+    # -- the pipe to the writer -------------------------------------------------------------
 
-    def _submit(self, op: Op) -> None:
+    def _send(self, message: dict[str, Any]) -> None:
         with self._lock:
-            self._ops.append(op)
-            self._idle.clear()
-        self._wake.set()
-
-    def _pending(self) -> bool:
-        return bool(self._ops or self._points or self._needs_sync or self._failing or self._run_id is None)
-
-    def _loop(self) -> None:
-        while True:
-            delay = min(self._interval * 2**self._failures, self._max_backoff) if self._failures else self._interval
-            self._wake.wait(delay)
-            self._wake.clear()
-            delivered = self._deliver()
-            self._ready.set()
-            with self._lock:
-                if delivered and not self._pending():
-                    self._idle.set()
-                if self._closing:
-                    return
-
-    def _deliver(self) -> bool:
-        """Send what is pending, in order; on failure keep it, report once, return False."""
-        try:
-            if self._run_id is None:
-                self._run_id = self._start_run(self._client)
-            while self._ops:
-                self._ops[0](self._client, self._run_id)
-                with self._lock:
-                    self._ops.popleft()
-            if self._failing or self._needs_sync:
-                with self._lock:  # the JSONL copy up to here holds every queued point
-                    self._points.clear()
-                    upto = self._jsonl_bytes
-                    self._failing = False
-                sent = sync_from_jsonl(self.jsonl_path, self._run_id, self._client, upto)
-                if self._failures:
-                    log.warning("MLflow: %s answers again; re-synced %d points from %s", self._client.tracking_uri, sent, self.jsonl_path)
-                self._needs_sync = False
-            while True:
-                with self._lock:
-                    batch = self._points[:MAX_METRICS_PER_BATCH]
-                if not batch:
-                    break
-                self._client.log_batch(self._run_id, metrics=batch)
-                with self._lock:
-                    del self._points[: len(batch)]
-        except Exception as err:  # noqa: BLE001 - any store failure must leave training running
-            with self._lock:
-                self._failing = True
-                self._points.clear()
-            if not self._failures:
-                log.warning(
-                    "MLflow: cannot reach %s (%s: %s); training continues, metrics go to %s and are "
-                    "re-synced when the store answers",
-                    self._client.tracking_uri, type(err).__name__, str(err).splitlines()[0][:300], self.jsonl_path,
+            if self._writer_gone:
+                return
+            try:
+                self._proc.stdin.write(json.dumps(message) + "\n")
+                self._proc.stdin.flush()
+            except (OSError, ValueError):
+                self._writer_gone = True
+                print(
+                    f"MLflow: the writer process is gone (exit code {self._proc.poll()}); training continues and "
+                    f"metrics go to {self.jsonl_path}; send them later with `python -m flashdmd.tracking_writer "
+                    f"sync {self.jsonl_path} {self._run_id} --uri {self._uri}`",
+                    file=sys.stderr,
                 )
-            self._failures += 1
-            return False
-        self._failures = 0
-        return True
 
-
-# --------------------------------------------------------------------------------------------
-# Opening a tracker
-# --------------------------------------------------------------------------------------------
-
-
-def _experiment_id(client: MlflowClient, cfg: Config) -> str:
-    name = cfg.tracking.experiment
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    location = None
-    if client.tracking_uri.startswith("sqlite:"):
-        # MLflow would put artifacts in ./mlruns relative to the working directory
-        location = (Path(cfg.run_root).resolve() / "mlartifacts").as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # noqa: BLE001 - another job created it meanwhile
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
-
-
-def _batched_log(
-    client: MlflowClient, run_id: str, params: dict[str, str] | None = None, tags: dict[str, str] | None = None
-) -> None:
-    items_p = [Param(k, v) for k, v in (params or {}).items()]
-    items_t = [RunTag(k, v) for k, v in (tags or {}).items()]
-    for start in range(0, len(items_p), MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, params=items_p[start : start + MAX_PARAMS_TAGS_PER_BATCH])
-    for start in range(0, len(items_t), MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, tags=items_t[start : start + MAX_PARAMS_TAGS_PER_BATCH])
-
-
-def _run_starter(cfg: Config, stage: str, run_id: str | None, parent_run_id: str | None) -> Callable[[MlflowClient], str]:
-    """The first operation of the background thread: create the run, or reopen ``run_id``."""
-    params = config_params(cfg)
-    git = git_state()
-
-    def new_run(client: MlflowClient, extra: dict[str, str]) -> str:
-        tags = {**run_tags(cfg, stage, git), **extra}
-        if parent_run_id:
-            tags[PARENT_TAG] = parent_run_id
-            tags["flashdmd.parent_run_id"] = parent_run_id
-        run = client.create_run(_experiment_id(client, cfg), run_name=cfg.tracking.run_name or cfg.name, tags=tags)
-        _batched_log(client, run.info.run_id, params=params)
-        return run.info.run_id
-
-    def start(client: MlflowClient) -> str:
-        if run_id is None:
-            return new_run(client, {})
-        try:
-            run = client.get_run(run_id)
-        except Exception as err:  # noqa: BLE001
-            if "RESOURCE_DOES_NOT_EXIST" not in str(getattr(err, "error_code", "")) + str(err):
-                raise
-            log.warning("MLflow: run %s is not in %s; starting a new run that names it", run_id, client.tracking_uri)
-            return new_run(client, {"flashdmd.continues": run_id})
-        old = run.data.params
-        changed = sorted(k for k, v in params.items() if k in old and old[k] != v)
-        tags = {"flashdmd.resume_count": str(int(run.data.tags.get("flashdmd.resume_count", "0")) + 1)}
-        if changed:
-            tags["flashdmd.config_changed_on_resume"] = _clip(",".join(changed), MAX_TAG_VAL_LENGTH)
-        client.update_run(run_id, status="RUNNING")
-        _batched_log(client, run_id, params={k: v for k, v in params.items() if k not in old}, tags=tags)
-        return run_id
-
-    return start
+    def _read_replies(self) -> None:
+        for line in self._proc.stdout:
+            reply = json.loads(line)
+            if "run_id" in reply:
+                self._run_id = reply["run_id"]
+                self._ready.set()
+            elif "unreachable" in reply:
+                self._ready.set()
+            elif "flushed" in reply:
+                with self._lock:
+                    for flush_id in [i for i in self._flushed if i <= reply["flushed"]]:
+                        self._flushed.pop(flush_id).set()
+            elif "closed" in reply:
+                self._closed_ok = reply["closed"]
+        self._ready.set()
 
 
 def open_tracker(
@@ -472,50 +293,36 @@ def open_tracker(
     parent_run_id: str | None = None,
     *,
     stage: str | None = None,
-    connect_timeout_s: float = 30.0,
+    connect_timeout_s: float = 60.0,
     flush_interval_s: float = 1.0,
 ) -> Tracker | NullTracker:
     """The run's tracker: a ``Tracker`` on rank 0, a ``NullTracker`` on every other rank.
 
     ``run_id`` (from the checkpoint) continues that MLflow run; None starts a new one.
-    ``parent_run_id`` links a stage-2 run to its stage-1 run.  ``stage`` defaults to "stage2"
-    when ``cfg.stage2.init_from`` is set, else "stage1".  Waits at most ``connect_timeout_s`` for
-    the store; if it does not answer, training goes on and the run is created when it does.
+    ``parent_run_id`` links a stage-2 run to its stage-1 run (MLflow's parent tag, so the UI nests
+    it).  ``stage`` defaults to "stage2" when ``cfg.stage2.init_from`` is set, else "stage1".
+    Waits at most ``connect_timeout_s`` for the run to exist; if the store does not answer,
+    training goes on and the run is created when it does.
     """
     if rank != 0:
         return NullTracker()
     uri = cfg.tracking_uri
-    if uri.startswith(("http://", "https://")):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    location = None
     if uri.startswith("sqlite:"):
         Path(cfg.run_root).mkdir(parents=True, exist_ok=True)
-    stage = stage or ("stage2" if cfg.stage2.init_from else "stage1")
-    tracker = Tracker(
-        MlflowClient(tracking_uri=uri),
-        cfg.run_dir,
-        _run_starter(cfg, stage, run_id, parent_run_id),
-        continuing=run_id is not None,
-        flush_interval_s=flush_interval_s,
-    )
-    tracker.flush(timeout_s=0)  # wake the thread: start the run now
+        location = (Path(cfg.run_root).resolve() / "mlartifacts").as_uri()
+    setup = {
+        "uri": uri,
+        "experiment": cfg.tracking.experiment,
+        "artifact_location": location,
+        "run_name": cfg.tracking.run_name or cfg.name,
+        "run_id": run_id,
+        "parent_run_id": parent_run_id,
+        "params": config_params(cfg),
+        "tags": run_tags(cfg, stage or ("stage2" if cfg.stage2.init_from else "stage1"), git_state()),
+        "jsonl": str((cfg.run_dir / JSONL_NAME).resolve()),
+        "flush_interval_s": flush_interval_s,
+    }
+    tracker = Tracker(setup, cfg.run_dir, continuing=run_id is not None)
     tracker.wait_ready(connect_timeout_s)
     return tracker
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m flashdmd.tracking sync JSONL RUN_ID --uri URI``: send what a run lacks."""
-    parser = argparse.ArgumentParser(prog="python -m flashdmd.tracking")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sync = sub.add_parser("sync", help="send the points of a metrics.jsonl copy that the MLflow run lacks")
-    sync.add_argument("jsonl")
-    sync.add_argument("run_id")
-    sync.add_argument("--uri", required=True, help="the tracking URI, e.g. http://host:5000 or sqlite:///runs/mlflow.db")
-    args = parser.parse_args(argv)
-    sent = sync_from_jsonl(args.jsonl, args.run_id, args.uri)
-    print(f"sent {sent} points to run {args.run_id} at {args.uri}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

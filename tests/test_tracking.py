@@ -1,4 +1,9 @@
-"""flashdmd.tracking against MLflow's SQLite store and a real ``mlflow server`` on 127.0.0.1."""
+"""flashdmd.tracking against MLflow's SQLite store and a real ``mlflow server`` on 127.0.0.1.
+
+What is checked is read back with ``MlflowClient``: params, per-step metric history, tags,
+artifacts, the JSONL copy, continuation of a run id without duplicated steps, the stage-2 parent
+link, and no lost step across store outages at the start and in the middle of a run.
+"""
 from __future__ import annotations
 
 import json
@@ -37,6 +42,7 @@ def history(client, run_id, key):
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
+@pytest.mark.slow  # each tracker starts a writer process that imports MLflow: seconds on a loaded machine
 def test_sqlite_store_holds_params_tags_metrics_artifacts_and_jsonl(run_root):
     long_prompt = "a " * 4000  # 8000 characters: over MLflow's 6000-character param limit
     cfg = make_cfg(run_root, "basic", f"tracking.sample_prompts=[{long_prompt.strip()}]", "tracking.tags={team: vision}")
@@ -80,6 +86,7 @@ def test_sqlite_store_holds_params_tags_metrics_artifacts_and_jsonl(run_root):
     assert sync_from_jsonl(cfg.run_dir / "metrics.jsonl", tracker.run_id, cfg.tracking_uri) == 0
 
 
+@pytest.mark.slow
 def test_resume_continues_the_run_without_duplicate_steps_and_links_stage2(run_root):
     cfg = make_cfg(run_root, "resume")
     first = open_tracker(cfg, 0, None, flush_interval_s=0.1)
