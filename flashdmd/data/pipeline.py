@@ -15,7 +15,9 @@ Shard sequence, two modes (``data.resampled``):
   restart, rank, worker); each (rank, worker) draws from its own slice of the shard list when there
   are enough shards, else from all of them.
 
-Both streams are endless, so every rank yields exactly ``data.epoch_length`` batches per epoch and
+Deterministic passes are per worker: a worker with fewer samples starts its next pass sooner, so
+"each sample exactly once per epoch" does not hold across workers (that needs an indexed reader
+such as wids; research note section 3). Both streams are endless, so every rank yields exactly ``data.epoch_length`` batches per epoch and
 no rank waits in a collective for one that ran dry (webdataset #188, #225). Batch ``g`` of a rank
 comes from logical worker ``g % workers``: a DataLoader in its default in-order mode takes batches
 from its workers round-robin, and physical worker ``j`` of a loader started at batch ``g0`` serves
