@@ -109,6 +109,8 @@ def build_parts(cfg: Config, cache_dir: Path) -> Parts:
     folder = _teacher_folder(cfg, family, cache_dir)
     raw = load_pipeline_folder(folder, family, dtype, cfg.model.use_t5, cfg.model.vae, cfg.model.text_encoders)
     schedule = family.schedule(_prediction(cfg, family, raw))
+    if raw.vae.dtype == torch.float16 and raw.vae.config.force_upcast:
+        raw.vae.to(torch.float32)  # the SD/SDXL VAEs overflow in fp16 (diffusers' force_upcast)
 
     teacher = freeze(_denoiser(family, raw.denoiser, schedule))
     generator = _student(cfg, raw.denoiser, family, schedule)

@@ -7,8 +7,8 @@ is built locally (a byte-level CLIP BPE vocabulary without merges: every charact
 so nothing is downloaded. ``ensure_tiny_sam`` and ``ensure_tiny_lrm`` do the same for the
 Pixel-GAN backbone and the latent reward model.
 
-Folders are keyed by a hash of everything that shapes them (the configs and this file's format
-version), written to a temporary folder and renamed into place, so concurrent ranks and reruns
+Folders are keyed by a hash of everything that shapes them (this file's text, which holds every
+tiny config, the diffusers/transformers versions and the family), written to a temporary folder and renamed into place, so concurrent ranks and reruns
 reuse one copy. Weights are random but seeded, hence identical across machines.
 """
 from __future__ import annotations
@@ -25,7 +25,6 @@ import torch
 
 from flashdmd.nets.families import Family
 
-FORMAT_VERSION = 2
 TOKEN_LENGTH = 16  # tiny CLIP context length (real CLIP: 77)
 T5_LENGTH = 8  # SD3's T5 slot length for tiny presets (diffusers default 256)
 _TEXT_HIDDEN = 32
@@ -158,7 +157,12 @@ def tiny_sam_config() -> Any:
 
 def _cached(cache_dir: Path, name: str, key: dict[str, Any], write: Callable[[Path], None]) -> Path:
     """``cache_dir/<name>-<hash(key)>``, written by ``write`` into a temp dir and renamed atomically."""
-    digest = hashlib.sha256(json.dumps({"v": FORMAT_VERSION, **key}, sort_keys=True, default=str).encode()).hexdigest()
+    import diffusers
+    import transformers
+
+    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    key = {**key, "source": source, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     final = Path(cache_dir) / f"{name}-{digest[:12]}"
     if (final / ".complete").is_file():
         return final
