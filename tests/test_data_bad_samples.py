@@ -185,3 +185,16 @@ def test_empty_or_missing_shard_lists_fail_before_training(tmp_path):
 def test_deterministic_mode_needs_a_shard_per_rank_and_worker(good):
     with pytest.raises(DataError, match="fewer than world_size x data.workers = 2 x 2"):
         build_image_loader(_cfg(good, "data.workers=2"), 0, 2)
+
+
+def test_bad_counts_survive_a_resume(tmp_path):
+    cfg = _cfg(_half_bad(tmp_path), "data.epoch_length=2", "data.max_bad_fraction=0.6", "data.bad_check_after=8")
+    loader = build_image_loader(cfg, 0, 1)
+    list(loader)
+    before = loader.bad_counts()
+    assert before["corrupt_image"] >= 4
+    resumed = build_image_loader(cfg, 0, 1, loader.position)
+    list(resumed)
+    # the resumed stream fast-forwards over what was counted already, then counts its own
+    assert resumed.bad_counts()["corrupt_image"] > before["corrupt_image"]
+    assert resumed.position.seen == resumed.position.samples + resumed.bad_counts()["corrupt_image"]

@@ -103,3 +103,13 @@ def test_resume_mismatches_fail_with_clear_errors(toy):
         build_image_loader(_cfg(toy, "data.resampled=true"), 0, 2, saved)
     with pytest.raises(DataError, match="unknown keys"):
         DataPosition.from_state_dict({**saved.state_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize("resampled", ["true", "false"])
+def test_close_then_iterate_again_continues_the_same_stream(toy, resampled):
+    cfg = _cfg(toy, f"data.resampled={resampled}", "data.workers=2")
+    reference = [b["key"] for b in _take(build_image_loader(cfg, 0, 1), 6)]
+    loader = build_image_loader(cfg, 0, 1)
+    head = [b["key"] for b in _take(loader, 3)]
+    loader.close()  # workers stop; the next iteration restarts them from the live position
+    assert head + [b["key"] for b in _take(loader, 3)] == reference

@@ -200,7 +200,7 @@ class ShardLoader:
                 self._account(batch.pop("_meta"), len(batch["key"]))
                 yield batch
         except Exception:
-            it = None  # the traceback keeps this frame: drop the iterator so its workers stop now, not at exit
+            del it  # the traceback keeps this frame: drop the iterator so its workers stop now, not at exit
             self.close()
             raise
 
@@ -211,6 +211,7 @@ class ShardLoader:
         """Stop the worker processes (the loader restarts them from its position if iterated again)."""
         self._it = None
         self._loader = None
+        self._base_bad, self._base_seen, self._live = Counter(self.position.bad), self.position.seen, {}
 
     def _stream(self) -> Iterator[dict[str, Any]]:
         if self._it is None:
@@ -246,11 +247,14 @@ class ShardLoader:
         ).check()
 
 
-def build_image_loader(cfg: Config, rank: int, world_size: int, position: DataPosition | None = None) -> ShardLoader:
+def build_image_loader(
+    cfg: Config, rank: int, world_size: int, position: DataPosition | None = None, batch_size: int | None = None
+) -> ShardLoader:
     """Batches for ``rank`` of ``world_size`` from ``cfg.data.shards``, continuing ``position`` if given.
 
     Each batch: ``image`` float [B, 3, R, R] in [-1, 1] (or, with ``data.latent_shards``, ``latent``
-    [B, C, h, w] and no image decoding), ``caption`` list[str], ``key`` list[str]; B = data.batch_size.
+    [B, C, h, w] and no image decoding), ``caption`` list[str], ``key`` list[str]; B = ``batch_size``
+    or data.batch_size (pass data.real_batch_size for the discriminator's real images).
     Raises DataError before any data is read when the shard list is empty or cannot be split.
     """
     data = cfg.data
@@ -279,7 +283,7 @@ def build_image_loader(cfg: Config, rank: int, world_size: int, position: DataPo
         rank=rank,
         world_size=world_size,
         workers=workers,
-        batch_size=data.batch_size,
+        batch_size=batch_size or data.batch_size,
         resolution=data.resolution,
         shuffle_buffer=data.shuffle_buffer,
         latent=data.latent_shards,
