@@ -95,3 +95,12 @@ def test_hub_patterns_fetch_only_needed_files() -> None:
     assert without == {"model_index.json", "transformer/diffusion_pytorch_model.safetensors",
                        "transformer/config.json", "text_encoder_2/model.safetensors", "tokenizer_2/merges.txt"}
     assert fetched(True) == without | {"text_encoder_3/model-00001-of-00002.safetensors", "tokenizer_3/spiece.model"}
+
+
+def test_gmm2d_is_delegated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import flashdmd.nets.gmm2d as gmm2d
+
+    seen = []
+    monkeypatch.setattr(gmm2d, "build_gmm_parts", lambda cfg, cache_dir: seen.append((cfg.model.family, cache_dir)))
+    build_parts(load_config("gmm2d"), tmp_path)
+    assert seen == [("gmm2d", tmp_path)]

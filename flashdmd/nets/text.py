@@ -109,7 +109,7 @@ class PromptEncoder(nn.Module):
         missing = [k for k in keys if k not in tensors]
         if missing:
             raise ValueError(f"precomputed conditioning for {self.kind} lacks {missing}; expected keys {list(keys)}")
-        reference = self([""])
+        reference = self.null(1)
         for k in keys:
             if tensors[k].shape[1:] != reference[k].shape[1:]:
                 raise ValueError(f"precomputed '{k}' has per-sample shape {tuple(tensors[k].shape[1:])}, the text "
