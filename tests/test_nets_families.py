@@ -13,7 +13,7 @@ from flashdmd.nets.families import get_family
 from flashdmd.nets.interfaces import cat_cond
 from flashdmd.nets.load import load_pipeline_folder
 from flashdmd.nets.registry import build_parts
-from flashdmd.nets.tiny import _teacher_pipeline
+from flashdmd.nets.tiny import tiny_teacher_pipeline
 
 FAMILIES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3"]
 
@@ -42,7 +42,7 @@ def test_save_load_round_trip(name: str, cache: Path) -> None:
     folder = parts.extras["teacher_dir"]
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == family.pipeline_class
-    reference = _teacher_pipeline(family)  # the same seeded build, never saved
+    reference = tiny_teacher_pipeline(family)  # the same seeded build, never saved
     loaded = load_pipeline_folder(folder, family)
     ref_model = reference.unet if family.kind != "sd3" else reference.transformer
     for key, value in ref_model.state_dict().items():

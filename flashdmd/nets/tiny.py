@@ -118,7 +118,8 @@ def _sd3_transformer(family: Family) -> Any:
                                  pooled_projection_dim=2 * _TEXT_HIDDEN, pos_embed_max_size=32)
 
 
-def _teacher_pipeline(family: Family) -> Any:
+def tiny_teacher_pipeline(family: Family) -> Any:
+    """The tiny family's diffusers pipeline object, seeded (identical weights on every build)."""
     import diffusers
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -187,7 +188,7 @@ def ensure_tiny_teacher(family: Family, cache_dir: Path) -> Path:
     if not family.tiny:
         raise ValueError(f"{family.name} is not a tiny family")
     key = {"family": family.name, "kind": family.kind, "res": family.resolution}
-    return _cached(cache_dir, family.name, key, lambda d: _teacher_pipeline(family).save_pretrained(d))
+    return _cached(cache_dir, family.name, key, lambda d: tiny_teacher_pipeline(family).save_pretrained(d))
 
 
 def ensure_tiny_sam(cache_dir: Path) -> Path:
