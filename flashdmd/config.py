@@ -201,6 +201,7 @@ class EvalConfig:
     num_images: int = 0  # 0 -> every prompt once
     metrics: list[str] = field(default_factory=lambda: ["clip_score"])
     reference_images: str = ""  # folder or shards for FID
+    weights: dict[str, str] = field(default_factory=dict)  # metric -> local folder or hub id; absent -> its default
     every: int = 0  # evaluate checkpoints every N steps in a side job; 0 = off
     seed: int = 10  # DMD2's COCO-10k seed (spec 6 #21)
 
@@ -432,6 +433,11 @@ def load_config(
     if check:
         validate(cfg)
     return cfg
+
+
+def default_run_name(preset: str, job: str) -> str:
+    """``name`` when the config leaves it empty: the preset's name and the job, e.g. sdxl-4step-stage1."""
+    return f"{Path(preset).stem}-{job}"
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
