@@ -20,9 +20,9 @@ from data_tools.make_shards import write_shards  # noqa: E402
 from data_tools.make_toy_images import toy_image  # noqa: E402
 
 
-def toy_samples(count: int, size: int = 64, seed: int = 0, aspect: float = 1.0) -> Iterator[dict[str, Any]]:
-    """Shard samples (png + txt + json) of the toy set."""
-    for i in range(count):
+def toy_samples(count: int, size: int = 64, seed: int = 0, aspect: float = 1.0, start: int = 0) -> Iterator[dict[str, Any]]:
+    """Shard samples (png + txt + json) ``start .. start + count - 1`` of the toy set."""
+    for i in range(start, start + count):
         image, caption = toy_image(i, size, seed, aspect)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
@@ -31,9 +31,9 @@ def toy_samples(count: int, size: int = 64, seed: int = 0, aspect: float = 1.0) 
 
 
 def make_toy_shards(out: Path, count: int, per_shard: int, size: int = 64, seed: int = 0, aspect: float = 1.0,
-                    prefix: str = "toy") -> list[str]:
-    """Write ``count`` toy samples, ``per_shard`` per shard; return the shard paths."""
-    return write_shards(toy_samples(count, size, seed, aspect), out, prefix, maxcount=per_shard)
+                    prefix: str = "toy", start: int = 0) -> list[str]:
+    """Write toy samples ``start .. start + count - 1``, ``per_shard`` per shard; return the shard paths."""
+    return write_shards(toy_samples(count, size, seed, aspect, start), out, prefix, maxcount=per_shard)
 
 
 def main(argv: list[str] | None = None) -> int:
