@@ -267,3 +267,58 @@ def _deepspeed_checks(engine: Engine, native_dir: Path) -> dict[str, Tensor]:
     except ValueError:
         checks["check.ema_mismatch_raises"] = torch.tensor(1)
     return checks
+
+
+# ------------------------------------------------------------------ tiny-sdxl stage 1 (spawned)
+PROMPTS = ["a red car", "a cat on a mat", "a bowl of fruit", "a blue house"]
+
+
+def stage1_config(kind: str, cache: str) -> Any:
+    from flashdmd.config import load_config
+
+    return load_config("tiny-sdxl", [f"engine.kind={kind}", "engine.teacher_sharding=zero3", f"model.cache_dir={cache}",
+                                     "model.lora.enabled=false", "stage1.fake_ema_decay=0.9"])
+
+
+def stage1_batch(parts: Any, step: int, rank: int, world: int) -> Any:
+    """Rank ``rank``'s share of a fixed global batch of prompts and real pixels."""
+    from flashdmd.algo.batch import Batch
+
+    per = len(PROMPTS) // world
+    prompts = PROMPTS[rank * per:(rank + 1) * per]
+    g = torch.Generator().manual_seed(500 + step)
+    real = torch.rand(len(PROMPTS), 3, 64, 64, generator=g)[rank * per:(rank + 1) * per] * 2 - 1
+    with torch.no_grad():
+        cond, uncond = parts.encode_prompts(prompts), parts.null_cond(per)
+    return Batch(cond=cond, uncond=uncond, real=real, size=per)
+
+
+def stage1_run(kind: str, cache: str, n: int, save_at: int = 0, ckpt_dir: str = "", resume: bool = False) -> dict[str, Tensor]:
+    """Stage-1 iterations of the real algorithm on tiny-sdxl under ``kind`` (ddp = LocalEngine over DDP)."""
+    from flashdmd.algo.stage1 import Stage1
+    from flashdmd.checkpoint import latest_valid, load_checkpoint, save_checkpoint
+    from flashdmd.engine.factory import build_engine, optim_specs
+    from flashdmd.nets.registry import build_parts
+
+    cfg = stage1_config("local" if kind == "ddp" else kind, cache)
+    torch.manual_seed(0)  # identical discriminator heads on every rank
+    parts = build_parts(cfg, Path(cache))
+    engine = build_engine(cfg)
+    engine.setup(parts.trainable(), optim_specs(cfg), parts.frozen())
+    algo = Stage1(cfg.stage1, parts, engine, cfg.seed)
+    first = load_checkpoint(engine, latest_valid(ckpt_dir)).step if resume else 0
+    losses = []
+    for step in range(first, n):
+        stats = algo.step(step, stage1_batch(parts, step, engine.rank, engine.world_size))
+        losses.append({k: float(engine.all_reduce_mean(torch.tensor(v))) for k, v in stats.items() if k.startswith("loss")})
+        if save_at and step + 1 == save_at:
+            save_checkpoint(engine, ckpt_dir, save_at, trainer={"mlflow_run_id": "run-1"})
+    out = {f"w.{k}": v for k, v in engine.full_state_dict("generator").items()}
+    for i, stats in enumerate(losses):
+        out.update({f"loss.{first + i}.{k}": torch.tensor(v) for k, v in stats.items()})
+    if kind != "ddp" and not resume:
+        export_dir = Path(ckpt_dir) / "export"
+        from flashdmd.export import export_full_weights
+
+        export_full_weights(engine, "generator", export_dir)
+    return out

@@ -94,3 +94,16 @@ def ema_pairs(target: nn.Module, source: nn.Module) -> list[tuple[str, nn.Parame
 
 def nbytes(tensors: Iterable[Tensor | None]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@torch.no_grad()
+def broadcast_from_rank0(module: nn.Module) -> None:
+    """Make every rank hold rank 0's parameters and buffers before sharding.
+
+    Each rank builds its networks itself; any draw not fixed by the seed (e.g. heads initialised
+    after a hash-ordered walk over modules) would otherwise leave the ranks' shards from
+    different initialisations. DDP does the same at construction."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(tensor.data, src=0)

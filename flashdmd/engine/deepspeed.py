@@ -110,11 +110,13 @@ class DeepSpeedEngine(Engine):
             params = [p for _, p in common.trainable_parameters(module)]
             if not params:
                 raise ValueError(f"trainable network '{name}' has no parameter with requires_grad")
+            module.to(self.device)
+            common.broadcast_from_rank0(module)
             client_opt = None
             if not self.offload_optimizer:
                 client_opt = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
             engine, *_ = deepspeed.initialize(
-                model=module.to(self.device).train(),
+                model=module.train(),
                 model_parameters=params,
                 optimizer=client_opt,
                 config=self._config(spec),
@@ -126,7 +128,8 @@ class DeepSpeedEngine(Engine):
         for name, module in frozen.items():
             module.requires_grad_(False).eval()
             if self.teacher_sharding == "zero3" and name in SHARDED_FROZEN:
-                engine, *_ = deepspeed.initialize(model=module.to(self.device), config=self._config(None), dist_init_required=False)
+                common.broadcast_from_rank0(module.to(self.device))
+                engine, *_ = deepspeed.initialize(model=module, config=self._config(None), dist_init_required=False)
                 engine.eval()
                 self.frozen_nets[name] = engine
             else:

@@ -80,6 +80,7 @@ class FSDPEngine(Engine):
     # ---------------------------------------------------------------- placement
     def _shard(self, module: nn.Module) -> nn.Module:
         module.to(self.device)
+        common.broadcast_from_rank0(module)
         # Roots too reshard after forward: a no-grad forward (the fake score inside the DMD
         # target) must leave the parameters sharded for the EMA pull and the memory budget.
         kwargs = {"mesh": self.mesh, "mp_policy": self.mp_policy, "reshard_after_forward": True}
