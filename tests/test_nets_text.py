@@ -114,3 +114,29 @@ def test_batched_encoding_and_precomputed(cache: Path) -> None:
         text.precomputed({**stored, "pooled": torch.zeros(5, 7)})
     with pytest.raises(ValueError, match="list of strings"):
         text("a bare string")
+
+
+@pytest.mark.parametrize("flag", [None, False])
+def test_sdxl_null_prompt_follows_model_index(flag: bool | None, cache: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    src = _parts("tiny-sdxl", cache).extras["teacher_dir"]
+    folder = tmp_path / "sdxl"
+    shutil.copytree(src, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.pop("force_zeros_for_empty_prompt", None)
+    if flag is not None:
+        index["force_zeros_for_empty_prompt"] = flag
+    (folder / "model_index.json").write_text(json.dumps(index))
+    sam = tmp_path / "sam"
+    from flashdmd.nets.tiny import ensure_tiny_sam
+
+    shutil.copytree(ensure_tiny_sam(cache), sam)
+    parts = build_parts(load_config("sdxl-4step", [f"model.teacher={folder}", f"model.sam={sam}",
+                                                   "data.resolution=64"]), tmp_path)
+    null = parts.null_cond(1)["encoder_hidden_states"]
+    if flag is None:  # diffusers' default: zeros
+        assert null.abs().sum() == 0
+    else:
+        torch.testing.assert_close(null, parts.encode_prompts([""])["encoder_hidden_states"])

@@ -118,7 +118,7 @@ def build_parts(cfg: Config, cache_dir: Path) -> Parts:
     decoder = freeze(VAEDecoder(raw.vae))
     text = PromptEncoder(
         family.kind, raw.text_encoders, raw.tokenizers, cfg.data.resolution,
-        force_zeros_for_empty_prompt=bool(raw.index.get("force_zeros_for_empty_prompt", False)), t5=raw.t5,
+        force_zeros_for_empty_prompt=bool(raw.index.get("force_zeros_for_empty_prompt", True)), t5=raw.t5,
         t5_tokenizer=raw.t5_tokenizer, t5_length=T5_LENGTH if family.tiny else 256,
         joint_dim=int(getattr(raw.denoiser.config, "joint_attention_dim", 0) or 0))
     reward = _reward(cfg, family, folder, cache_dir, dtype)

@@ -8,7 +8,8 @@
   by T5's states (zeros when T5 is left out), ``pooled`` = both projected EOS embeddings.
 
 Null (unconditional) conditioning for CFG is the empty prompt, except for SDXL folders that set
-``force_zeros_for_empty_prompt`` (SDXL-base does): there it is all zeros, as the pipeline does.
+``force_zeros_for_empty_prompt`` (the pipeline's default, used when model_index.json is silent): there
+it is all zeros, as StableDiffusionXLPipeline does.
 Encoding runs frozen, under no_grad, in chunks of ``batch_size`` prompts. ``precomputed`` checks
 and returns embeddings stored by the data tools, so training can skip the text encoders.
 """
