@@ -96,6 +96,43 @@ def test_sharded_states_sum_to_one_pass(clip_folder, tmp_path):
     assert whole["fid"].compute() > 1e-3
 
 
+def _rank_main(rank: int, world: int, port: int, cfg: EvalConfig, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    images, _ = uint8_images(6, seed=1)
+    metrics, _ = build_metrics(cfg)
+    for metric in metrics.values():
+        metric.update(images[rank::world], PROMPTS[rank::world])  # every other image per rank
+        metric.all_reduce()
+    if rank == 0:
+        torch.save({name: metric.compute() for name, metric in metrics.items()}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # two spawned processes import torch and transformers
+def test_two_gloo_ranks_give_the_numbers_of_one(clip_folder, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    images, pixels = uint8_images(6, seed=1)
+    for i, array in enumerate(pixels[:4]):
+        Image.fromarray(array).save(tmp_path / f"ref{i}.png")
+    cfg = EvalConfig(metrics=["clip_score", "fid"], weights={"clip_score": str(clip_folder), "fid": str(clip_folder)},
+                     reference_images=str(tmp_path))  # fmt: skip
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_rank_main, args=(2, port, cfg, str(tmp_path / "out.pt")), nprocs=2, start_method="spawn")
+    sharded = torch.load(tmp_path / "out.pt", weights_only=True)
+    single, _ = build_metrics(cfg)
+    for name, metric in single.items():
+        metric.update(images, PROMPTS)
+        assert sharded[name] == pytest.approx(metric.compute(), rel=1e-5)
+
+
 def test_frechet_distance_matches_closed_forms():
     rng = np.random.default_rng(0)
     d = 5
