@@ -67,6 +67,14 @@ class SamBackbone(nn.Module):
                              f"'sam_vision_model')")
         return cls(encoder, taps)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute SAM's activations in backward (spec 1.8: the pixel GAN's memory cost)."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.encoder, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            self.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     def train(self, mode: bool = True) -> "SamBackbone":
         super().train(mode)
         self.encoder.eval()  # frozen: never switches to training behaviour

@@ -82,7 +82,10 @@ def _discriminator(cfg: Config, family: Family, cache_dir: Path, dtype: torch.dt
         folder = resolve_source(cfg.model.sam or family.default_sam, "model.sam",
                                 "a transformers SamModel or SamVisionModel folder")
         width = 256
-    return PixelGANDiscriminator(SamBackbone.from_pretrained(folder, cfg.model.sam_taps or None, dtype), width)
+    backbone = SamBackbone.from_pretrained(folder, cfg.model.sam_taps or None, dtype)
+    if cfg.engine.gradient_checkpointing:
+        backbone.enable_gradient_checkpointing()
+    return PixelGANDiscriminator(backbone, width)
 
 
 def _reward(cfg: Config, family: Family, teacher_dir: Path, cache_dir: Path, dtype: torch.dtype) -> nn.Module | None:
