@@ -131,7 +131,8 @@ def test_gradients_flow_to_generator_only(parts) -> None:
         assert all(not p.requires_grad and p.grad is None for p in module.parameters())
     # an optimizer over the trainable parameters holds no state for frozen parts
     frozen_ids = {id(p) for m in frozen for p in m.parameters()}
-    opt = torch.optim.AdamW([p for n in parts.trainable().values() for p in n.parameters() if p.requires_grad])
+    opt = torch.optim.AdamW([p for n in parts.trainable().values() for p in n.parameters() if p.requires_grad],
+                            lr=0.0)  # lr 0: state is created, the shared fixture's weights do not move
     opt.step()
     assert not frozen_ids & {id(p) for p in opt.state}
 
