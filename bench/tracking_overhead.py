@@ -11,6 +11,7 @@ beside training and costs a core's share, not step time, where cores are free.
 
     python bench/tracking_overhead.py            # writes bench/results/tracking_overhead.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flashdmd.config import load_config  # noqa: E402
-from flashdmd.tracking import NullTracker, open_tracker  # noqa: E402
+from flashdmd.config import load_config
+from flashdmd.tracking import NullTracker, open_tracker
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tracking_overhead.json"
 
@@ -52,7 +53,15 @@ def make_workload(width: int, depth: int, batch: int) -> tuple[torch.nn.Module, 
 
 
 def run_block(
-    net, opt, x, tracker: NullTracker, first_step: int, steps: int, metrics: int, image_every: int, log_times: list[float]
+    net,
+    opt,
+    x,
+    tracker: NullTracker,
+    first_step: int,
+    steps: int,
+    metrics: int,
+    image_every: int,
+    log_times: list[float],
 ) -> list[float]:
     """Per-step wall times of ``steps`` training steps that log through ``tracker``; the time spent
     inside ``log_metrics`` is appended to ``log_times``."""
@@ -143,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         f"(NullTracker {result['null_log_metrics_call_us_median']:.0f} us, medians); writer process CPU {result['writer_cpu_ms_per_step']:.2f} ms per step; "
         f"load average {result['load_average_1min']:.1f}"
     )
-    print(f"goal < {result['goal_pct']} %; untimed flush at block end: {result['block_end_flush_mean_ms']:.1f} ms; wrote {args.out}")
+    print(
+        f"goal < {result['goal_pct']} %; untimed flush at block end: {result['block_end_flush_mean_ms']:.1f} ms; wrote {args.out}"
+    )
     return 0
 
 

@@ -3,6 +3,7 @@
 DESIGN.md ("run" layer) asks that every run records what produced it.  The bundle is a plain
 JSON-able dict, logged by ``flashdmd.tracking`` as an artifact next to the resolved config.
 """
+
 from __future__ import annotations
 
 import importlib.metadata

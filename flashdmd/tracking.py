@@ -21,6 +21,7 @@ artifacts in ``<run_root>/mlartifacts`` instead of MLflow's ``./mlruns`` next to
 directory).  For http(s) stores the writer turns MLflow's own HTTP retries down (7 with
 exponential backoff by default: minutes per call) unless the user set them; it retries itself.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,7 @@ from flashdmd.config import REPO_ROOT, Config, flatten, to_dict, to_yaml
 from flashdmd.repro import git_state, repro_bundle
 from flashdmd.tracking_writer import PARENT_TAG, read_jsonl, sync_from_jsonl
 
-__all__ = ["NullTracker", "Tracker", "open_tracker", "sync_from_jsonl", "read_jsonl", "image_grid", "PARENT_TAG"]
+__all__ = ["PARENT_TAG", "NullTracker", "Tracker", "image_grid", "open_tracker", "read_jsonl", "sync_from_jsonl"]
 
 JSONL_NAME = "metrics.jsonl"
 TRUNCATED = "...[truncated]"
@@ -143,7 +144,7 @@ class Tracker(NullTracker):
             self.jsonl_path.rename(run_dir / f"metrics.{int(self.jsonl_path.stat().st_mtime)}.jsonl")
         self._skip_through = max((r["step"] for r in read_jsonl(self.jsonl_path)), default=-1)
         self._valid_keys: set[str] = set()
-        self._jsonl = open(self.jsonl_path, "ab")
+        self._jsonl = open(self.jsonl_path, "ab")  # noqa: SIM115 - held for the run, closed in close()
         self._uri = setup["uri"]
 
         self._lock = threading.Lock()

@@ -19,6 +19,7 @@ deadline, marks the run FINISHED/KILLED/FAILED and exits.
 
 ``python -m flashdmd.tracking_writer sync JSONL RUN_ID --uri URI`` re-syncs a run by hand.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -140,7 +141,7 @@ class Writer:
             return found.experiment_id
         try:
             return self.client.create_experiment(name, artifact_location=self.setup["artifact_location"])
-        except Exception:  # noqa: BLE001 - another job created it meanwhile
+        except Exception:
             found = self.client.get_experiment_by_name(name)
             if found is None:
                 raise
@@ -163,7 +164,7 @@ class Writer:
             return self.new_run({})
         try:
             run = self.client.get_run(run_id)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             if "RESOURCE_DOES_NOT_EXIST" not in f"{getattr(err, 'error_code', '')} {err}":
                 raise
             print(f"MLflow: run {run_id} is not in {self.client.tracking_uri}; starting a new run", file=sys.stderr)
@@ -236,7 +237,7 @@ class Writer:
         else:
             self.ops.append(message)
 
-    def serve(self, inbox: "queue.Queue[dict[str, Any] | None]") -> bool:
+    def serve(self, inbox: queue.Queue[dict[str, Any] | None]) -> bool:
         """Deliver until closed; True when everything reached the store."""
         wait = 0.0  # the first pass starts the run at once
         while True:
@@ -259,7 +260,7 @@ class Writer:
                 wait = min(wait, max(self.deadline - time.time(), 0.0))
 
 
-def _read_stdin(stream: TextIO, inbox: "queue.Queue[dict[str, Any] | None]") -> None:
+def _read_stdin(stream: TextIO, inbox: queue.Queue[dict[str, Any] | None]) -> None:
     for line in stream:
         inbox.put(json.loads(line))
     inbox.put(EOF)
@@ -291,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     sync = sub.add_parser("sync", help="send the points of a metrics.jsonl copy that the MLflow run lacks")
     sync.add_argument("jsonl")
     sync.add_argument("run_id")
-    sync.add_argument("--uri", required=True, help="tracking URI, e.g. http://host:5000 or sqlite:////abs/runs/mlflow.db")
+    sync.add_argument(
+        "--uri", required=True, help="tracking URI, e.g. http://host:5000 or sqlite:////abs/runs/mlflow.db"
+    )
     args = parser.parse_args(argv)
     print(f"sent {sync_from_jsonl(args.jsonl, args.run_id, args.uri)} points to run {args.run_id} at {args.uri}")
     return 0

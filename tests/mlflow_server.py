@@ -2,6 +2,7 @@
 
 Used by the tracking tests; the training-run tests can start one the same way.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,7 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 90.0) -> "MlflowServer":
+    def start(self, timeout_s: float = 90.0) -> MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
         cmd = [
             sys.executable, "-m", "mlflow", "server",
@@ -36,8 +37,10 @@ class MlflowServer:
             "--artifacts-destination", str(self.root / "artifacts"),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
-        log = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))
+        with open(self.root / "server.log", "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ)
+            )
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if self.proc.poll() is not None:

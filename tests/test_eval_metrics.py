@@ -3,6 +3,7 @@
 CLIP-family scores and ImageReward are checked against the models' own forward passes; FID's
 formula against closed forms for Gaussians; sharded states against one pass.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,7 +33,9 @@ def clip_folder(tmp_path_factory):
         max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
     model.save_pretrained(folder)
@@ -63,7 +66,9 @@ def test_clip_family_scores_match_the_models_own_forward(clip_folder):
     tokens = AutoTokenizer.from_pretrained(clip_folder)(PROMPTS, padding=True, return_tensors="pt")
     inputs = CLIPImageProcessor.from_pretrained(clip_folder)(images=list(pixels), return_tensors="pt")
     with torch.no_grad():
-        logits = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=inputs.pixel_values)
+        logits = model(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=inputs.pixel_values
+        )
     scale = model.logit_scale.detach().exp()
     cos = logits.logits_per_image.diagonal() / scale
     assert cos.min() < 0 < cos.max()  # the clamp of CLIP score matters for this data
@@ -142,7 +147,9 @@ def test_frechet_distance_matches_closed_forms():
     expected = float(((mu1 - mu2) ** 2).sum() + d * (a - b) ** 2)
     assert frechet_distance(mu1, a**2 * np.eye(d), mu2, b**2 * np.eye(d)) == pytest.approx(expected, rel=1e-10)
     # 1-D: (m1 - m2)^2 + (s1 - s2)^2
-    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([-1.0]), np.array([[9.0]])) == pytest.approx(5.0)
+    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([-1.0]), np.array([[9.0]])) == pytest.approx(
+        5.0
+    )
     # general SPD pair, against the symmetric form tr((S1^1/2 S2 S1^1/2)^1/2) computed by eigendecomposition
     x, y = rng.normal(size=(d, d)), rng.normal(size=(d, d))
     s1, s2 = x @ x.T + 0.1 * np.eye(d), y @ y.T + 0.1 * np.eye(d)
@@ -160,7 +167,9 @@ def test_frechet_distance_matches_closed_forms():
 
 def test_unavailable_metrics_are_skipped_with_a_message(tmp_path):
     missing = str(tmp_path / "no-such-folder")
-    cfg = EvalConfig(metrics=["clip_score", "hpsv2", "mps", "image_reward", "fid"], weights={"clip_score": missing, "fid": missing})
+    cfg = EvalConfig(
+        metrics=["clip_score", "hpsv2", "mps", "image_reward", "fid"], weights={"clip_score": missing, "fid": missing}
+    )
     built, skipped = build_metrics(cfg)
     assert not built and set(skipped) == set(cfg.metrics)
     assert missing in skipped["clip_score"] and "does not exist" in skipped["clip_score"]
@@ -176,9 +185,9 @@ def test_image_reward_matches_the_blip_forward(tmp_path):
     words = sorted({w for p in PROMPTS for w in p.split()})
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                encoder_hidden_size=32, max_position_embeddings=40)  # fmt: skip
-    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    sizes = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}
+    text = {**sizes, "vocab_size": len(tokenizer), "encoder_hidden_size": 32, "max_position_embeddings": 40}
+    vision = {**sizes, "image_size": 32, "patch_size": 8}
     torch.manual_seed(0)
     blip = BlipForImageTextRetrieval(BlipConfig(text_config=text, vision_config=vision)).eval()
     head = reward_head(32).eval()
@@ -196,14 +205,22 @@ def test_image_reward_matches_the_blip_forward(tmp_path):
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
     with torch.no_grad():
-        out = blip(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=((images + 1) / 2 - mean) / std)
+        out = blip(
+            input_ids=tokens.input_ids,
+            attention_mask=tokens.attention_mask,
+            pixel_values=((images + 1) / 2 - mean) / std,
+        )
         expected = (head(out.question_embeds[:, 0]).squeeze(-1) - REWARD_MEAN) / REWARD_STD
     assert metrics["image_reward"].compute() == pytest.approx(float(expected.mean()), abs=1e-5)
 
 
 def test_results_table_is_shaped_like_the_papers():
     rows = [
-        {"method": "SDXL (teacher)", "nfe": 100, "metrics": {"image_reward": 0.7143, "pickscore": 0.2265, "hpsv2": 0.2865, "mps": 11.87}},
+        {
+            "method": "SDXL (teacher)",
+            "nfe": 100,
+            "metrics": {"image_reward": 0.7143, "pickscore": 0.2265, "hpsv2": 0.2865, "mps": 11.87},
+        },
         {"method": "Flash-DMD", "nfe": 4, "metrics": {"pickscore": 0.23221, "image_reward": 0.9509, "fid": 19.321}},
     ]
     table = results_table(rows, notes=["mps skipped: not implemented"])

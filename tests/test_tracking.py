@@ -4,10 +4,12 @@ What is checked is read back with ``MlflowClient``: params, per-step metric hist
 artifacts, the JSONL copy, continuation of a run id without duplicated steps, the stage-2 parent
 link, and no lost step across store outages at the start and in the middle of a run.
 """
+
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,7 +47,9 @@ def history(client, run_id, key):
 @pytest.mark.slow  # each tracker starts a writer process that imports MLflow: seconds on a loaded machine
 def test_sqlite_store_holds_params_tags_metrics_artifacts_and_jsonl(run_root):
     long_prompt = "a " * 4000  # 8000 characters: over MLflow's 6000-character param limit
-    cfg = make_cfg(run_root, "basic", f"tracking.sample_prompts=[{long_prompt.strip()}]", "tracking.tags={team: vision}")
+    cfg = make_cfg(
+        run_root, "basic", f"tracking.sample_prompts=[{long_prompt.strip()}]", "tracking.tags={team: vision}"
+    )
     tracker = open_tracker(cfg, 0, None, flush_interval_s=0.1)
     assert isinstance(tracker, Tracker) and tracker.run_id
     for step in range(1, 6):
@@ -65,7 +69,13 @@ def test_sqlite_store_holds_params_tags_metrics_artifacts_and_jsonl(run_root):
     assert params["stage1.student_timesteps"] == str([999, 749, 499, 249])
     assert len(params["tracking.sample_prompts"]) == 6000 and params["tracking.sample_prompts"].endswith("[truncated]")
     tags = run.data.tags
-    assert (tags["family"], tags["stage"], tags["engine"], tags["nodes"], tags["world_size"]) == ("tiny-sdxl", "stage1", "local", "1", "1")
+    assert (tags["family"], tags["stage"], tags["engine"], tags["nodes"], tags["world_size"]) == (
+        "tiny-sdxl",
+        "stage1",
+        "local",
+        "1",
+        "1",
+    )
     assert tags["team"] == "vision" and len(tags["git_commit"]) in (0, 40)
     assert tags["checkpoint.step"] == "5" and tags["checkpoint.path"].endswith("step_00000005")
     assert history(client, tracker.run_id, "loss/dm") == [(s, 1.0 / s) for s in range(1, 6)]
@@ -75,8 +85,10 @@ def test_sqlite_store_holds_params_tags_metrics_artifacts_and_jsonl(run_root):
     png = client.download_artifacts(tracker.run_id, "samples/grid/step_00000005.png", str(run_root / "dl"))
     assert np.array_equal(np.asarray(Image.open(png)), image_grid(images))
     config_yaml = client.download_artifacts(tracker.run_id, "config/config.yaml", str(run_root / "dl"))
-    assert to_dict(from_yaml(open(config_yaml).read())) == to_dict(cfg)
-    repro = json.loads(open(client.download_artifacts(tracker.run_id, "config/repro.json", str(run_root / "dl"))).read())
+    assert to_dict(from_yaml(Path(config_yaml).read_text())) == to_dict(cfg)
+    repro = json.loads(
+        Path(client.download_artifacts(tracker.run_id, "config/repro.json", str(run_root / "dl"))).read_text()
+    )
     assert set(repro["packages"]) >= {"torch", "diffusers", "transformers", "deepspeed", "mlflow", "webdataset"}
     assert repro["git"]["commit"] == tags["git_commit"]
 
@@ -102,7 +114,9 @@ def test_resume_continues_the_run_without_duplicate_steps_and_links_stage2(run_r
     second.close()
 
     client = MlflowClient(cfg.tracking_uri)
-    assert history(client, first.run_id, "loss/g") == [(s, float(s)) for s in range(1, 7)] + [(s, 100.0 + s) for s in (7, 8, 9)]
+    assert history(client, first.run_id, "loss/g") == [(s, float(s)) for s in range(1, 7)] + [
+        (s, 100.0 + s) for s in (7, 8, 9)
+    ]
     assert [r["step"] for r in read_jsonl(cfg.run_dir / "metrics.jsonl")] == list(range(1, 10))
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED" and run.data.params["launch.max_requeues"] == "3"
@@ -178,6 +192,8 @@ def test_real_server_outages_at_start_and_mid_run_lose_no_step(tmp_path, monkeyp
         assert history(client, tracker.run_id, "loss/g") == [(s, float(s)) for s in range(1, 12)]
         run = client.get_run(tracker.run_id)
         assert run.info.status == "FINISHED" and run.data.params["model.family"] == "tiny-sdxl"
-        assert [a.path for a in client.list_artifacts(tracker.run_id, "samples/grid")] == ["samples/grid/step_00000003.png"]
+        assert [a.path for a in client.list_artifacts(tracker.run_id, "samples/grid")] == [
+            "samples/grid/step_00000003.png"
+        ]
     finally:
         server.stop()

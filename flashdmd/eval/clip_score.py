@@ -16,6 +16,7 @@ Departure: images are resized and cropped in torch (bicubic with antialiasing) f
 float output instead of through PIL on uint8 images, so scores differ from the reference
 implementations in the last digits.  Weights load from safetensors only.
 """
+
 from __future__ import annotations
 
 import torch
@@ -95,7 +96,9 @@ class ClipEncoder:
     def text_embeds(self, prompts: list[str]) -> torch.Tensor:
         max_length = self.model.config.text_config.max_position_embeddings
         tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        out = self.model.text_model(input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device))
+        out = self.model.text_model(
+            input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
+        )
         return F.normalize(self.model.text_projection(out.pooler_output).float(), dim=-1)
 
     def cosine(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

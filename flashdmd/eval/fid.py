@@ -14,6 +14,7 @@ published Inception FIDs; the column is labelled "FD-CLIP".  Default feature wei
 The reference set (``eval.reference_images``) is a folder of images, or an ``.npz`` holding ``mu``
 and ``sigma`` computed with the same feature weights (``save_reference_stats``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,19 +31,25 @@ from flashdmd.eval.metrics import Metric, MetricUnavailable, check_batch, regist
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"feature statistics differ in shape: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
+        raise ValueError(
+            f"feature statistics differ in shape: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}"
+        )
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm of the covariance product has a large imaginary part {np.abs(covmean.imag).max():.3g}")
+            raise ValueError(
+                f"sqrtm of the covariance product has a large imaginary part {np.abs(covmean.imag).max():.3g}"
+            )
         covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
@@ -122,6 +129,8 @@ class FID(Metric):
 @register("fid", "openai/clip-vit-large-patch14", "FD-CLIP", "Frechet distance on CLIP image features", digits=2)
 def build_fid(source: str, device: torch.device, cfg: EvalConfig) -> FID:
     if not cfg.reference_images:
-        raise MetricUnavailable("set eval.reference_images to a folder of reference images or an .npz of their statistics")
+        raise MetricUnavailable(
+            "set eval.reference_images to a folder of reference images or an .npz of their statistics"
+        )
     encoder = ClipEncoder(source, device)
     return FID(encoder, reference_stats(Path(cfg.reference_images), encoder))

@@ -11,6 +11,7 @@ transformers ``BlipForImageTextRetrieval`` (``save_pretrained``, safetensors), i
 Images are resized to the vision model's size (bicubic, torch) with CLIP's mean and std, as
 ImageReward's own transform does on PIL images.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,7 +53,9 @@ class ImageReward(MeanScore):
             raise MetricUnavailable(f"cannot load BLIP weights or tokenizer from {source!r} ({err})") from None
         self.vision, self.text = blip.vision_model.to(device).eval(), blip.text_encoder.to(device).eval()
         self.head = reward_head(blip.config.text_config.hidden_size)
-        self.head.load_state_dict({k.removeprefix("layers."): v for k, v in load_file(folder / "mlp.safetensors").items()})
+        self.head.load_state_dict(
+            {k.removeprefix("layers."): v for k, v in load_file(folder / "mlp.safetensors").items()}
+        )
         self.head.to(device).eval()
         self.size = blip.config.vision_config.image_size
         self.device = device

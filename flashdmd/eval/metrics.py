@@ -12,12 +12,13 @@ Images are ``[N, 3, H, W]`` tensors in [-1, 1] (what the samplers produce) with 
 folder or hub id) or its default; a metric whose weights or code are unavailable is skipped with
 a message naming what to install or configure, and the others still run.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -137,7 +138,9 @@ def build_metrics(cfg: EvalConfig, device: torch.device | str = "cpu") -> tuple[
     """
     unknown = [n for n in cfg.metrics if n not in REGISTRY]
     if unknown:
-        raise ValueError(f"unknown metric(s) {', '.join(unknown)} in eval.metrics; known: {', '.join(sorted(REGISTRY))}")
+        raise ValueError(
+            f"unknown metric(s) {', '.join(unknown)} in eval.metrics; known: {', '.join(sorted(REGISTRY))}"
+        )
     built, skipped = {}, {}
     for name in cfg.metrics:
         spec = REGISTRY[name]

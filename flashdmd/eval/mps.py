@@ -5,6 +5,7 @@ Not implemented: MPS is a CLIP-H backbone with its own condition-aware cross-att
 does not unpickle untrusted files, so the metric is registered to name itself in the results table
 and in the skip message, and is always skipped until a safetensors port exists.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """The results table, shaped like the paper's Tables 1-2 (spec section 5): method, NFE, one column per metric."""
+
 from __future__ import annotations
 
 from typing import Any
