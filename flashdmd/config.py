@@ -204,6 +204,26 @@ class EvalConfig:
     weights: dict[str, str] = field(default_factory=dict)  # metric -> local folder or hub id; absent -> its default
     every: int = 0  # evaluate checkpoints every N steps in a side job; 0 = off
     seed: int = 10  # DMD2's COCO-10k seed (spec 6 #21)
+    source: str = ""  # run dir, its final/ hand-over or a checkpoint step dir; "" -> the run dir
+    out_dir: str = ""  # results (images, table); "" -> <source run dir>/eval/step-<N>
+    batch_size: int = 4  # images per generator call per rank
+    method: str = ""  # the row name in the results table; "" -> "Flash-DMD <family> (step N)"
+    save_images: bool = False  # also write every generated image under out_dir/images
+    poll_s: float = 60.0  # watcher: seconds between looks at the checkpoint directory
+    watch_timeout_s: float = 0.0  # watcher: stop after this long without a new checkpoint; 0 = until the run's hand-over
+
+
+@dataclass
+class SampleConfig:
+    """The sample job: a few prompts -> an image grid and one file per image, fixed seeds."""
+
+    source: str = ""  # run dir, its final/ hand-over or a checkpoint step dir; "" -> the run dir
+    prompts: list[str] = field(default_factory=list)  # prompts given directly
+    prompts_file: str = ""  # text/JSONL prompt file (used when prompts is empty)
+    images_per_prompt: int = 1
+    seed: int = 0  # image i (prompt-major order) uses seed + i
+    batch_size: int = 4
+    out_dir: str = ""  # "" -> <source run dir>/samples/step-<N>
 
 
 @dataclass
@@ -220,6 +240,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -542,7 +563,12 @@ def _rules(cfg: Config) -> list[tuple[bool, str]]:
         (cfg.engine.kind != "local" or not (cfg.engine.offload_optimizer or cfg.engine.offload_params), "engine.offload_* needs engine.kind deepspeed or fsdp"),
         (cfg.tracking.log_every >= 1 and cfg.tracking.sample_every >= 0, "tracking.log_every >= 1 and tracking.sample_every >= 0"),
         (cfg.checkpoint.every >= 1 and cfg.checkpoint.keep_last >= 1, "checkpoint.every and checkpoint.keep_last must be >= 1"),
-        (cfg.eval.num_images >= 0 and cfg.eval.every >= 0, "eval.num_images and eval.every must be >= 0"),
+        (
+            cfg.eval.num_images >= 0 and cfg.eval.every >= 0 and cfg.eval.watch_timeout_s >= 0 and cfg.eval.poll_s > 0
+            and min(cfg.eval.batch_size, cfg.sample.batch_size, cfg.sample.images_per_prompt) >= 1,
+            "eval.num_images and eval.every must be >= 0 (and eval.watch_timeout_s >= 0, eval.poll_s > 0, "
+            "eval.batch_size, sample.batch_size and sample.images_per_prompt >= 1)",
+        ),
         ("/" not in cfg.name and cfg.name not in (".", ".."), "name must be a plain directory name (no '/')"),
     ]
 
