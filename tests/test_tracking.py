@@ -105,17 +105,21 @@ def test_resume_continues_the_run_without_duplicate_steps_and_links_stage2(run_r
     for step in range(1, 7):  # checkpoint at step 4, preempted after step 6
         first.log_metrics({"loss/g": float(step)}, step)
     first.close(status="KILLED")
+    # step 7 reached only the JSONL copy (the store was down) before the job died
+    with open(cfg.run_dir / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"step": 7, "time": int(time.time() * 1000), "metrics": {"loss/g": 7.0}}) + "\n")
 
     cfg2 = make_cfg(run_root, "resume", "launch.max_requeues=5")
     second = open_tracker(cfg2, 0, first.run_id, flush_interval_s=0.1)
     assert second.run_id == first.run_id
-    for step in range(5, 10):  # replays 5 and 6 from the step-4 checkpoint
+    assert second.skip_through == 7
+    for step in range(5, 10):  # replays 5 to 7 from the step-4 checkpoint
         second.log_metrics({"loss/g": 100.0 + step}, step)
     second.close()
 
     client = MlflowClient(cfg.tracking_uri)
-    assert history(client, first.run_id, "loss/g") == [(s, float(s)) for s in range(1, 7)] + [
-        (s, 100.0 + s) for s in (7, 8, 9)
+    assert history(client, first.run_id, "loss/g") == [(s, float(s)) for s in range(1, 8)] + [
+        (s, 100.0 + s) for s in (8, 9)
     ]
     assert [r["step"] for r in read_jsonl(cfg.run_dir / "metrics.jsonl")] == list(range(1, 10))
     run = client.get_run(first.run_id)
