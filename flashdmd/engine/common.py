@@ -107,3 +107,16 @@ def broadcast_from_rank0(module: nn.Module) -> None:
         return
     for tensor in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(tensor.data, src=0)
+
+
+def replica_memory(modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, dict[str, int]]:
+    """Memory report of full replicas (local and DDP engines): per trainable network, bytes of
+    parameters, gradients (fp32, one per trainable parameter) and optimizer state."""
+    return {
+        name: {
+            "params": nbytes(modules[name].parameters()),
+            "grads": sum(p.numel() * 4 for _, p in trainable_parameters(modules[name])),
+            "optimizer": nbytes(v for s in opt.state.values() for v in s.values() if isinstance(v, Tensor)),
+        }
+        for name, opt in sorted(optimizers.items())
+    }

@@ -67,13 +67,5 @@ class DDPEngine(LocalEngine):
         return super().full_state_dict(name) if self.rank == 0 else {}
 
     def memory_report(self) -> dict[str, dict[str, int]]:
-        """Per trainable network: bytes of parameters, gradients (fp32, trainable only) and optimizer state."""
-        report = {}
-        for name in sorted(self.trainable):
-            module, opt = self.modules[name], self.optimizers[name]
-            report[name] = {
-                "params": common.nbytes(module.parameters()),
-                "grads": sum(p.numel() * 4 for _, p in common.trainable_parameters(module)),
-                "optimizer": common.nbytes(v for s in opt.state.values() for v in s.values() if isinstance(v, Tensor)),
-            }
-        return report
+        """Per trainable network: bytes of parameters, gradients and optimizer state (full replicas)."""
+        return common.replica_memory(self.modules, self.optimizers)

@@ -1,0 +1,111 @@
+"""Acceptance of issue 6 on tiny-sdxl with the real stage-1 algorithm, 2 gloo ranks.
+
+- FSDP2 and DeepSpeed ZeRO-3 (teacher partitioned too) against the local engine over DDP on
+  the same per-rank batches: losses and generator weights within 1e-4 absolute (one AdamW
+  step at the preset's lr 1e-4 bounds a per-step change; observed 1.3e-6 FSDP2, 2.2e-5 ZeRO-3
+  after 3 iterations). The local engine is the reference across processes because stage 1 draws
+  its noise per rank (flashdmd.algo.rng); tests/test_engine_sharded.py compares against one
+  process on a toy world whose noise is drawn globally.
+- Save at step K, load in fresh processes, continue to N: bitwise for the local engine, within
+  1e-6 for the sharded ones.
+- Export: loads with UNet2DConditionModel.from_pretrained and equals the engine's weights;
+  tiny-sd3 with LoRA: SD3Transformer2DModel.from_pretrained, LoRA fused, same outputs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_world import run_ranks, stage1_config, stage1_run
+
+N, K = 3, 2
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from flashdmd.nets.registry import build_parts
+
+    folder = tmp_path_factory.getbasetemp() / "nets-cache"  # shared with tests/test_nets_*
+    build_parts(stage1_config("local", str(folder)), folder)  # build once, before ranks read it
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(cache: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, torch.Tensor], Path]:
+    tmp = tmp_path_factory.mktemp("ddp")
+    return run_ranks(2, stage1_run, "ddp", cache, N, K, str(tmp / "ckpt"), tmp=tmp), tmp
+
+
+def _tail(run: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in run.items() if k.startswith("w.") or int(k.split(".")[1]) >= K}
+
+
+def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())[:5]
+    return max(((a[k] - b[k]).abs().max().item(), k) for k in a)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_local_ddp_resume_is_bitwise(cache: str, ddp_run) -> None:
+    straight, tmp = ddp_run
+    resumed = run_ranks(2, stage1_run, "ddp", cache, N, 0, str(tmp / "ckpt"), True, tmp=tmp)
+    tail = _tail(straight)
+    assert resumed.keys() == tail.keys()
+    assert all(torch.equal(resumed[k], tail[k]) for k in tail)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fsdp", "deepspeed"])
+def test_sharded_stage1_matches_local_resumes_and_exports(kind: str, cache: str, ddp_run, tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    ckpt = tmp_path / "ckpt"
+    straight = run_ranks(2, stage1_run, kind, cache, N, K, str(ckpt), tmp=tmp_path)
+    worst = _worst(straight, ddp_run[0])
+    assert worst[0] <= 1e-4, f"{kind} vs local: {worst}"
+
+    exported = UNet2DConditionModel.from_pretrained(ckpt / "export").state_dict()
+    weights = {k[len("w.model."):]: v for k, v in straight.items() if k.startswith("w.model.")}
+    assert exported.keys() == weights.keys()
+    assert all(torch.equal(exported[k], weights[k]) for k in weights)
+
+    resumed = run_ranks(2, stage1_run, kind, cache, N, 0, str(ckpt), True, tmp=tmp_path)
+    worst = _worst(resumed, _tail(straight))
+    assert worst[0] <= 1e-6, f"{kind} resumed vs uninterrupted: {worst}"
+
+
+def test_export_tiny_sd3_lora_fuses_into_plain_transformer(cache: str, tmp_path: Path) -> None:
+    from diffusers import SD3Transformer2DModel
+
+    from flashdmd.config import load_config
+    from flashdmd.engine.factory import optim_specs
+    from flashdmd.engine.local import LocalEngine
+    from flashdmd.export import export_full_weights
+    from flashdmd.nets.mmdit import MMDiTDenoiser
+    from flashdmd.nets.registry import build_parts
+
+    cfg = load_config("tiny-sd3", [f"model.cache_dir={cache}"])
+    parts = build_parts(cfg, Path(cache))
+    engine = LocalEngine("cpu")
+    engine.setup(parts.trainable(), optim_specs(cfg), parts.frozen())
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA-B starts at zero; make the adapter matter
+        for name, p in engine["generator"].named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    out = export_full_weights(engine, "generator", tmp_path / "sd3")
+    model = SD3Transformer2DModel.from_pretrained(out)
+    assert not any("lora" in k for k in model.state_dict())
+    x = torch.randn(2, *parts.latent_shape)
+    t = torch.tensor([1000.0, 500.0])
+    with torch.no_grad():
+        cond = parts.encode_prompts(["a red car", "a cat"])
+        expected = engine["generator"](x, t, cond)
+        got = MMDiTDenoiser(model, parts.schedule)(x, t, cond)
+    base = MMDiTDenoiser(parts.teacher.model, parts.schedule)(x, t, cond)
+    assert not torch.allclose(expected, base, atol=1e-4)  # the adapter changed the network
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
