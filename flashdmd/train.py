@@ -75,6 +75,9 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed + self.ctx.rank)
         self.parts = self._build_parts()
+        text_encoder = self.parts.extras.get("text_encoder")
+        if text_encoder is not None:  # frozen, outside the engine: encodes prompts where the nets run
+            text_encoder.to(self.ctx.device)
         self.handoff: Handoff | None = None
         frozen = self.parts.frozen()
         if self.stage == 2:
