@@ -11,30 +11,22 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from flashdmd.algo.stage1 import stage1_optim_specs
 from flashdmd.config import Config
 from flashdmd.engine.base import Engine, OptimSpec
 
 
 def optim_specs(cfg: Config, stage: int = 1) -> dict[str, OptimSpec]:
-    """AdamW settings per trainable network from ``cfg.stage1`` (spec 1.6 [INF]); in stage 2 the
-    generator uses ``stage2.rl_lr`` (0 -> stage1.generator_lr) and every schedule spans
-    ``stage2.iterations``."""
-    s1 = cfg.stage1
-    total = s1.iterations if stage == 1 else cfg.stage2.iterations
-    gen_lr = s1.generator_lr if stage == 1 or cfg.stage2.rl_lr == 0 else cfg.stage2.rl_lr
-
-    def spec(lr: float) -> OptimSpec:
-        return OptimSpec(
-            lr=lr,
-            betas=(s1.adam_betas[0], s1.adam_betas[1]),
-            weight_decay=s1.weight_decay,
-            warmup_steps=s1.warmup_steps,
-            schedule=s1.lr_schedule,
-            total_steps=total,
-            grad_clip=s1.grad_clip,
-        )
-
-    return {"generator": spec(gen_lr), "fake_score": spec(s1.fake_lr), "discriminator": spec(s1.disc_lr)}
+    """AdamW settings per trainable network from ``cfg.stage1`` (spec 1.6 [INF]), as the stage-1
+    algorithm defines them; in stage 2 the generator uses ``stage2.rl_lr`` (0 -> stage1's) and
+    every schedule spans ``stage2.iterations``."""
+    specs = stage1_optim_specs(cfg.stage1)
+    if stage == 2:
+        for name, spec in specs.items():
+            spec.total_steps = cfg.stage2.iterations
+            if name == "generator" and cfg.stage2.rl_lr > 0:
+                spec.lr = cfg.stage2.rl_lr
+    return specs
 
 
 def build_engine(cfg: Config, device: torch.device | None = None) -> Engine:
