@@ -233,7 +233,9 @@ def _checked(le: LaunchEnv) -> LaunchEnv:
     if not 0 <= le.rank < le.world_size:
         raise LaunchEnvError(f"{le.launcher}: rank {le.rank} is outside world size {le.world_size}")
     if not 0 <= le.local_rank < le.local_world_size:
-        raise LaunchEnvError(f"{le.launcher}: local rank {le.local_rank} is outside {le.local_world_size} tasks per node")
+        raise LaunchEnvError(
+            f"{le.launcher}: local rank {le.local_rank} is outside {le.local_world_size} tasks per node"
+        )
     return le
 
 

@@ -122,7 +122,9 @@ class Preemption:
             why = f"it was already requeued {self._restart_count()} times (launch.max_requeues={self.max_requeues})"
         else:
             why = "SIGTERM asks to stop (scancel or preemption); the sender decides about requeueing"
-        raise PreemptedError(f"stopped after saving step {step}; not requeued because {why}. Resubmit the same command to resume.")
+        raise PreemptedError(
+            f"stopped after saving step {step}; not requeued because {why}. Resubmit the same command to resume."
+        )
 
     def _restart_count(self) -> int:
         if self.ctx.launcher == "submitit-local":
@@ -151,7 +153,8 @@ class Preemption:
                 ) from None
             if out.returncode != 0:
                 raise PreemptedError(f"step {step} saved, but '{' '.join(cmd)}' failed: {out.stderr.strip()}")
-            log.warning("step %d saved; requeued Slurm job %s (%d requeues left)", step, self.ctx.job_id, self.requeues_left() - 1)
+            left = self.requeues_left() - 1
+            log.warning("step %d saved; requeued Slurm job %s (%d requeues left)", step, self.ctx.job_id, left)
         sys.stdout.flush()
         return REQUEUE_EXIT_CODE
 

@@ -29,9 +29,13 @@ def _run(cmd: list[str]) -> str:
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=QUERY_TIMEOUT_S)
     except FileNotFoundError:
-        raise ClusterError(f"'{cmd[0]}' is not on PATH: this machine has no Slurm client; use --executor local") from None
+        raise ClusterError(
+            f"'{cmd[0]}' is not on PATH: this machine has no Slurm client; use --executor local"
+        ) from None
     except subprocess.TimeoutExpired:
-        raise ClusterError(f"'{' '.join(cmd)}' did not answer in {QUERY_TIMEOUT_S} s: is slurmctld reachable?") from None
+        raise ClusterError(
+            f"'{' '.join(cmd)}' did not answer in {QUERY_TIMEOUT_S} s: is slurmctld reachable?"
+        ) from None
     if out.returncode != 0:
         raise ClusterError(f"'{' '.join(cmd)}' failed: {out.stderr.strip() or out.stdout.strip()}")
     return out.stdout
@@ -84,7 +88,8 @@ def check_request(partition: str, nodes: int) -> Partition:
     limit = min(chosen.total_nodes, chosen.max_nodes or chosen.total_nodes)
     if nodes > limit:
         raise ClusterError(
-            f"--nodes {nodes} is more than partition '{chosen.name}' offers ({limit} nodes); lower --nodes or pick another --partition"
+            f"--nodes {nodes} is more than partition '{chosen.name}' offers ({limit} nodes); "
+            "lower --nodes or pick another --partition"
         )
     return chosen
 

@@ -87,7 +87,8 @@ class Submitted:
             f"submitted {self.plan.job} as {self.plan.executor} job {self.job_id}",
             f"  logs:          {self.stdout}  (task 0; errors in {self.stderr.name})",
             f"  run directory: {cfg.run_dir}",
-            f"  mlflow:        {cfg.tracking_uri}  experiment '{cfg.tracking.experiment}', run '{cfg.tracking.run_name or cfg.name}'",
+            f"  mlflow:        {cfg.tracking_uri}  experiment '{cfg.tracking.experiment}', "
+            f"run '{cfg.tracking.run_name or cfg.name}'",
         ]
         if not cfg.tracking.uri:
             lines.append(f"  browse with:   mlflow ui --backend-store-uri {cfg.tracking_uri}")
@@ -165,7 +166,8 @@ def wait(sub: Submitted, timeout_s: float | None = None, poll_s: float = 2.0) ->
     Slurm states come from ``scontrol show job``, so this works without accounting (sacct).
     """
     deadline = None if timeout_s is None else time.time() + timeout_s
-    results = [JobPaths(sub.job.paths.folder, job_id=sub.job_id, task_id=t).result_pickle for t in range(_num_tasks(sub))]
+    folder = sub.job.paths.folder
+    results = [JobPaths(folder, job_id=sub.job_id, task_id=t).result_pickle for t in range(_num_tasks(sub))]
     while not all(path.exists() for path in results):
         if sub.plan.executor == "local" and sub.job.done():
             break
@@ -177,7 +179,9 @@ def wait(sub: Submitted, timeout_s: float | None = None, poll_s: float = 2.0) ->
         time.sleep(poll_s)
     missing = [str(path) for path in results if not path.exists()]
     if missing:
-        raise RuntimeError(f"job {sub.job_id} ended without writing {', '.join(missing)}; see {sub.stdout} and {sub.stderr}")
+        raise RuntimeError(
+            f"job {sub.job_id} ended without writing {', '.join(missing)}; see {sub.stdout} and {sub.stderr}"
+        )
     return sub.job.results()
 
 

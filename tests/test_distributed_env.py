@@ -3,7 +3,6 @@ and the signal -> agreement path over a real 2-process gloo group."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -84,7 +83,8 @@ def test_tasks_per_node_expansion():
 
 def test_bad_values_name_the_variable():
     with pytest.raises(LaunchEnvError, match="SLURM_NTASKS='x'"):
-        parse_launch_env({"SLURM_JOB_ID": "1", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "x"}, no_resolve)
+        env = {"SLURM_JOB_ID": "1", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "x"}
+        parse_launch_env(env, no_resolve)
     with pytest.raises(LaunchEnvError, match="rank 4 is outside world size 2"):
         parse_launch_env({"RANK": "4", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h"}, no_resolve)
 
@@ -137,7 +137,8 @@ def test_signal_on_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
-    base.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port_for_job(str(os.getpid()))),
+    port = str(port_for_job(str(os.getpid())))
+    base.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                 PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")  # gloo on CPU even on a GPU machine
     procs = [subprocess.Popen([sys.executable, str(script)], env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]

@@ -3,7 +3,6 @@ device choice, the agreement all-reduce on a CUDA tensor, and our USR1 handler s
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -45,5 +44,6 @@ def test_nccl_single_rank_agreement_and_handler(tmp_path, visible):
     script.write_text(WORKER)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300, cwd=root)
     assert out.returncode == 0, out.stderr
-    assert "device=cuda:0 backend=nccl kept=True" in out.stdout and "first=False second=True sum=4.0" in out.stdout, out.stdout
+    assert "device=cuda:0 backend=nccl kept=True" in out.stdout, out.stdout
+    assert "first=False second=True sum=4.0" in out.stdout, out.stdout
     print(out.stdout)

@@ -25,7 +25,8 @@ def events(run_dir: Path) -> list[dict]:
 @pytest.mark.distributed
 def test_local_executor_two_processes_preempt_and_resume(tmp_path):
     cfg = load_config("gmm2d", ["launch.executor=local", "launch.gpus_per_node=2", "stage1.iterations=16",
-                                "checkpoint.every=100", "tracking.tags={step_s: '0.2'}", f"run_root={tmp_path}", "name=local"])
+                                "checkpoint.every=100", "tracking.tags={step_s: '0.2'}", f"run_root={tmp_path}",
+                                "name=local"])
     sub = launcher.submit(build_plan("stage1", "gmm2d", cfg), cfg, entry="probe_job:main", pythonpath=[str(PROBE_DIR)])
     run_dir = sub.cfg.run_dir
     deadline = time.time() + 120

@@ -58,14 +58,16 @@ def test_slurm_executor_without_sbatch_fails_before_submission(tmp_path):
     import os
 
     env = {**os.environ, "PATH": str(tmp_path)}  # an empty directory: no sbatch, no scontrol
-    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "submit.py"), "stage1", "--config", "gmm2d",
-                          "--executor", "slurm", f"run_root={tmp_path}"], capture_output=True, text=True, env=env, timeout=120)
+    cmd = [sys.executable, str(ROOT / "jobs" / "submit.py"), "stage1", "--config", "gmm2d", "--executor", "slurm",
+           f"run_root={tmp_path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2, out.stderr
     assert "--executor slurm needs sbatch on PATH" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_pipeline_dry_run_chains_stage2_on_stage1(tmp_path):
-    out = submit("pipeline", "--config", "gmm2d", "--name", "exp", "--dry-run", "--executor", "slurm", f"run_root={tmp_path}")
+    out = submit("pipeline", "--config", "gmm2d", "--name", "exp", "--dry-run", "--executor", "slurm",
+                 f"run_root={tmp_path}")
     assert out.returncode == 0, out.stderr
     first, second = out.stdout.split("\n\n")
     assert "job:            stage1" in first and f"run directory:  {tmp_path}/exp-stage1" in first
