@@ -107,8 +107,8 @@ class Stage1Config:
 
     mode: Literal["flash", "dmd2"] = "flash"  # dmd2 = the baseline: both losses on every step
     student_timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])  # spec 1.2
-    dm_steps: list[int] = field(default_factory=list)  # [] -> SNR(t) < 1 [INF] (spec 1.3)
-    gan_steps: list[int] = field(default_factory=list)  # [] -> SNR(t) >= 1 [INF]
+    dm_steps: list[int] = field(default_factory=list)  # [] -> SNR(t) <= 1 [INF] (spec 1.3; flashdmd/algo/split.py)
+    gan_steps: list[int] = field(default_factory=list)  # [] -> SNR(t) > 1 [INF]
     gan_input: Literal["rollout_to_zero", "rollout_state"] = "rollout_to_zero"  # spec 1.4 step 4
     ttur: int = 1  # fake-score/D updates per generator update (spec 1.6)
     fake_ema: bool = True  # Algorithm 1 line 18 (spec 1.7)
@@ -227,6 +227,14 @@ class SampleConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The export job: a trained student -> a diffusers pipeline folder (flashdmd/pipeline_export.py)."""
+
+    source: str = ""  # run dir, its final/ hand-over or a checkpoint step dir; "" -> the run dir
+    out_dir: str = ""  # "" -> <source run dir>/export/step-<N>
+
+
+@dataclass
 class Config:
     name: str = ""  # run name; "" -> "<preset>-<job>"; the run directory is <run_root>/<name>
     seed: int = 0
@@ -241,6 +249,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     @property
     def run_dir(self) -> Path:

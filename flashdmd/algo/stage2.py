@@ -26,13 +26,23 @@ from torch import Tensor
 
 from flashdmd.algo.batch import Batch
 from flashdmd.algo.rng import noise_generator
-from flashdmd.algo.stage1 import Stage1, _prefixed
+from flashdmd.algo.stage1 import Stage1, _prefixed, stage1_optim_specs
 from flashdmd.config import Config
 from flashdmd.diffusion.rollout import predict_x0, randn, renoise, timesteps_tensor
-from flashdmd.engine.base import Engine
+from flashdmd.engine.base import Engine, OptimSpec
 from flashdmd.losses import gaussian_logprob_mean, lpo_loss
 from flashdmd.nets.interfaces import Conditioning, repeat_cond, take_cond
 from flashdmd.nets.parts import Parts
+
+
+def stage2_optim_specs(cfg: Config) -> dict[str, OptimSpec]:
+    """Stage-2 optimisers: stage 1's, with the generator at ``rl_lr`` (0 -> stage-1 rate) for both its RL
+    and distillation updates (they share one optimizer), and every schedule spanning stage-2 iterations."""
+    specs = stage1_optim_specs(cfg.stage1)
+    for spec in specs.values():
+        spec.total_steps = cfg.stage2.iterations
+    specs["generator"].lr = cfg.stage2.rl_lr or cfg.stage1.generator_lr
+    return specs
 
 
 class Stage2:
@@ -47,9 +57,6 @@ class Stage2:
                 raise ValueError(f"stage 2 needs a frozen {name!r} network registered in the engine "
                                  f"(reference: the generator's weights from stage2.init_from; reward: the "
                                  f"family's reward model, model.reward_model)") from None
-        if cfg.stage2.rl_lr and cfg.stage2.rl_lr != cfg.stage1.generator_lr:
-            raise ValueError("stage2.rl_lr differs from stage1.generator_lr, but RL and distillation updates share "
-                             "the generator's optimizer; set stage2.rl_lr=0 and choose stage1.generator_lr")
         self.rl_from = {self.steps.index(t) for t, _ in cfg.stage2.rl_transitions}  # source step indices
 
     def is_rl_iteration(self, step: int) -> bool:

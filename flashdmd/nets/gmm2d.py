@@ -33,7 +33,7 @@ from flashdmd.diffusion.schedules import Schedule, VPSchedule
 from flashdmd.nets.interfaces import Conditioning
 from flashdmd.nets.parts import Parts
 
-TEACHER_VERSION = "gmm2d-teacher-v1"  # bump when the MLP or its training changes
+TEACHER_VERSION = "gmm2d-teacher-v2"  # bump when the MLP or its training changes
 DEFAULT_PREDICTION = "v_prediction"
 
 
@@ -108,6 +108,11 @@ class RandomFeatureDiscriminator(nn.Module):
     def __init__(self, features: int = 64, head_hidden: int = 64, bandwidth: float = 1.0, seed: int = 1234) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng():  # the heads' default init, seeded too: same seed, same network
+            torch.manual_seed(seed)
+            self._build(features, head_hidden, bandwidth, g)
+
+    def _build(self, features: int, head_hidden: int, bandwidth: float, g: torch.Generator) -> None:
         self.tap1 = nn.Linear(2, features)
         self.tap2 = nn.Linear(2 * features, features)
         with torch.no_grad():
@@ -170,6 +175,7 @@ def pretrain_teacher(gmm: GMM, schedule: Schedule, hidden: int, steps: int, batc
         loss.backward()
         opt.step()
         sched.step()
+    opt.zero_grad(set_to_none=True)  # no stale gradients travel into the generator's copy
     return model.eval().requires_grad_(False)
 
 
@@ -212,9 +218,9 @@ def build_gmm_parts(cfg: Config, cache_dir: Path) -> Parts:
         generator=generator,
         fake_score=fake_score,
         decoder=LinearDecoder().requires_grad_(False),
-        discriminator=RandomFeatureDiscriminator(),
+        discriminator=RandomFeatureDiscriminator(seed=cfg.seed),
         encode_prompts=lambda prompts: {},
         null_cond=lambda n: {},
         reward=reward.requires_grad_(False),
-        extras={"gmm": gmm},
+        extras={"gmm": gmm, "reward_mode": cfg.model.gmm.reward_mode},
     )
