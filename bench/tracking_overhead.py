@@ -6,8 +6,10 @@ to a fresh SQLite store: ``--metrics`` values every step, the tiny preset's wors
 image grid every ``--image-every`` steps).  Alternating blocks cancel drift from other processes
 on the machine; the overhead is the mean of the paired block differences with its standard error.
 The writer is flushed between blocks (untimed, reported separately), so an "off" block never pays
-for an "on" block's leftovers.  The CPU time of the writer process is reported too: it runs
-beside training and costs a core's share, not step time, where cores are free.
+for an "on" block's leftovers.  Wall time is noisy on a shared machine, so the main thread's CPU
+time per step is reported too (what logging adds to the training loop itself, independent of
+load), and the writer process's CPU time: it runs beside training and costs a core's share, not
+step time, where a core is free.
 
     python bench/tracking_overhead.py            # writes bench/results/tracking_overhead.json
 """
@@ -62,13 +64,15 @@ def run_block(
     metrics: int,
     image_every: int,
     log_times: list[float],
+    cpu_times: list[float],
 ) -> list[float]:
     """Per-step wall times of ``steps`` training steps that log through ``tracker``; the time spent
-    inside ``log_metrics`` is appended to ``log_times``."""
+    inside ``log_metrics`` goes to ``log_times``, the main thread's CPU time per step to ``cpu_times``
+    (CPU time does not count waiting for a core, so it stays meaningful on a loaded machine)."""
     times = []
     images = torch.rand(4, 3, 64, 64) * 2 - 1
     for step in range(first_step, first_step + steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         loss = net(x).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -80,6 +84,7 @@ def run_block(
         if image_every and step % image_every == 0:
             tracker.log_images("samples", images, step)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.thread_time() - cpu_start)
     return times
 
 
@@ -100,13 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as root:
         cfg = load_config("tiny-sdxl", [f"run_root={root}", "name=bench", "tracking.experiment=bench"])
         tracker = open_tracker(cfg, 0, None)
-        off, on, flushes, pair_pct, log_on, log_off = [], [], [], [], [], []
-        run_block(net, opt, x, NullTracker(), 0, 10, args.metrics, 0, [])  # warm-up
+        off, on, flushes, pair_pct, log_on, log_off, cpu_on, cpu_off = [], [], [], [], [], [], [], []
+        run_block(net, opt, x, NullTracker(), 0, 10, args.metrics, 0, [], [])  # warm-up
         writer_cpu_start = cpu_seconds(tracker.writer_pid)
         step = 1
         for _ in range(args.repeats):
-            block_off = run_block(net, opt, x, NullTracker(), step, args.steps, args.metrics, args.image_every, log_off)
-            block_on = run_block(net, opt, x, tracker, step, args.steps, args.metrics, args.image_every, log_on)
+            block_off = run_block(
+                net, opt, x, NullTracker(), step, args.steps, args.metrics, args.image_every, log_off, cpu_off
+            )
+            block_on = run_block(net, opt, x, tracker, step, args.steps, args.metrics, args.image_every, log_on, cpu_on)
             off += block_off
             on += block_on
             pair_pct.append(100 * (statistics.fmean(block_on) / statistics.fmean(block_off) - 1))
@@ -132,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     result["overhead_median_pct"] = 100 * (result["on_median_ms"] / result["off_median_ms"] - 1)
     result["overhead_paired_pct"] = statistics.fmean(pair_pct)
     result["overhead_paired_stderr_pct"] = statistics.stdev(pair_pct) / math.sqrt(len(pair_pct))
+    result["off_cpu_mean_ms"] = 1e3 * statistics.fmean(cpu_off)
+    result["on_cpu_mean_ms"] = 1e3 * statistics.fmean(cpu_on)
+    result["overhead_main_thread_cpu_pct"] = 100 * (result["on_cpu_mean_ms"] / result["off_cpu_mean_ms"] - 1)
     result["log_metrics_call_us_median"] = 1e6 * statistics.median(log_on)
     result["null_log_metrics_call_us_median"] = 1e6 * statistics.median(log_off)
     result["writer_cpu_ms_per_step"] = 1e3 * writer_cpu / len(on)
@@ -141,11 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"{result['workload']}; {result['logging']}")
-    print("| tracking | mean step (ms) | median step (ms) |")
-    print("|---|---|---|")
-    print(f"| off | {result['off_mean_ms']:.2f} | {result['off_median_ms']:.2f} |")
-    print(f"| on  | {result['on_mean_ms']:.2f} | {result['on_median_ms']:.2f} |")
-    print(f"| overhead | {result['overhead_mean_pct']:+.2f} % | {result['overhead_median_pct']:+.2f} % |")
+    print("| tracking | mean step (ms) | median step (ms) | main-thread CPU per step (ms) |")
+    print("|---|---|---|---|")
+    print(f"| off | {result['off_mean_ms']:.2f} | {result['off_median_ms']:.2f} | {result['off_cpu_mean_ms']:.2f} |")
+    print(f"| on  | {result['on_mean_ms']:.2f} | {result['on_median_ms']:.2f} | {result['on_cpu_mean_ms']:.2f} |")
+    print(
+        f"| overhead | {result['overhead_mean_pct']:+.2f} % | {result['overhead_median_pct']:+.2f} % "
+        f"| {result['overhead_main_thread_cpu_pct']:+.2f} % |"
+    )
     print(
         f"paired block overhead {result['overhead_paired_pct']:+.2f} % +- {result['overhead_paired_stderr_pct']:.2f} % "
         f"(stderr); log_metrics call {result['log_metrics_call_us_median']:.0f} us "
