@@ -41,6 +41,14 @@ def _load(entry: str) -> Callable[[Config, str], Any]:
     return getattr(importlib.import_module(module), name)
 
 
+def check_entry(entry: str, job: str) -> None:
+    """Import the entry before anything is queued: a missing or broken entry fails here, not hours later."""
+    try:
+        _load(entry)
+    except (ImportError, AttributeError) as err:
+        raise cluster.ClusterError(f"job '{job}' runs {entry}, which this checkout cannot load: {err}") from None
+
+
 class EntryJob:
     """What every task runs: ``entry(cfg, job)`` with the config rebuilt from plain data."""
 
@@ -154,9 +162,12 @@ def submit(plan: JobPlan, cfg: Config, dependency: str = "", entry: str | None =
     folder = cfg.run_dir / "submitit"
     # the job process unpickles EntryJob before anything else: it must find this repository
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(REPO_ROOT), *pythonpath_from_env()]))
-    executor = make_executor(plan, cfg, folder, dependency)
+    entry = entry or ENTRIES[plan.job]
     paths = [str(REPO_ROOT), *(pythonpath or [])]
-    job = executor.submit(EntryJob(entry or ENTRIES[plan.job], plan.job, to_dict(cfg), paths))
+    sys.path[:0] = [p for p in paths if p not in sys.path]
+    check_entry(entry, plan.job)
+    executor = make_executor(plan, cfg, folder, dependency)
+    job = executor.submit(EntryJob(entry, plan.job, to_dict(cfg), paths))
     return Submitted(job=job, plan=plan, cfg=cfg, folder=folder)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, load_config  # noqa: E402
+from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, default_run_name, load_config  # noqa: E402
 from jobs.cluster import ClusterError  # noqa: E402
 from jobs.plan import JOBS, PIPELINE, build_plan, render  # noqa: E402
 
@@ -62,10 +62,9 @@ def resolve(args: argparse.Namespace, job: str | None = None) -> Config:
     job = job or args.job
     options = [f"{key}={getattr(args, opt)}" for opt, key in OPTION_KEYS.items() if getattr(args, opt) is not None]
     cfg = load_config(args.config, [*args.overrides, *options])
-    if job != args.job:
-        cfg.name = f"{cfg.name or Path(args.config).stem}-{job}"
-    elif not cfg.name:
-        cfg.name = f"{Path(args.config).stem}-{job}"
+    if job != args.job and cfg.name:  # pipeline with --name: one run directory per stage
+        cfg.name = f"{cfg.name}-{job}"
+    cfg.name = cfg.name or default_run_name(args.config, job)
     return cfg
 
 
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args, configs)
     except ClusterError as err:
-        print(f"slurm: {err}", file=sys.stderr)
+        print(f"cannot submit: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 -- sbatch's own refusal (submitit FailedJobError) or a failed local job
         print(f"{args.job}: {type(err).__name__}: {err}", file=sys.stderr)
