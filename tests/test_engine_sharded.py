@@ -2,18 +2,18 @@
 toy engine world (tests/engine_world.py): a Flash-DMD-shaped iteration with a GAN loss through
 the frozen discriminator and decoder, EMA pull of the fake score, three optimizers.
 
-Tolerances: the sharded runs sum gradient norms and all-reduce in a different order than one
-process, so weights and losses agree to 1e-5 (observed ~6e-8); a resumed sharded run agrees with
-the uninterrupted one to 1e-6; the local engine resumes bitwise (tests/test_checkpoint.py).
+Tolerance: the sharded runs sum gradient norms and all-reduce in a different order than one
+process, so weights and losses agree to 1e-5 (observed ~6e-8). Resume of the sharded engines is
+tested on tiny-sdxl (tests/test_engine_stage1.py), bitwise local resume in tests/test_checkpoint.py.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine_world import run_ranks, train_run, resume_run
+from engine_world import run_ranks, train_run
 
-N, K = 4, 2
+N = 4
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
@@ -29,17 +29,11 @@ def local_reference() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind", ["fsdp", "deepspeed", "ddp"])
-def test_matches_local_and_resumes(kind: str, local_reference: dict[str, torch.Tensor], tmp_path) -> None:
-    ckpt = tmp_path / "ckpt"
-    straight = run_ranks(2, train_run, kind, N, K, str(ckpt), tmp=tmp_path)
-    checks = {k: straight.pop(k) for k in list(straight) if k.startswith("check.")}
-    # 2 ranks x half the global batch == one process with all of it
-    _close(straight, local_reference, atol=1e-5)
-    # fresh processes from the step-K checkpoint continue exactly as the uninterrupted run
-    resumed = run_ranks(2, resume_run, kind, N, str(ckpt), tmp=tmp_path)
-    tail = {k: v for k, v in straight.items() if k.startswith("w.") or int(k.split(".")[1]) >= K}
-    _close(resumed, tail, atol=1e-6)
+def test_two_ranks_match_one_process(kind: str, local_reference: dict[str, torch.Tensor], tmp_path) -> None:
+    run = run_ranks(2, train_run, kind, N, 0, str(tmp_path), tmp=tmp_path)
+    checks = {k: run.pop(k) for k in list(run) if k.startswith("check.")}
+    # 2 ranks x half the global batch == one process with all of it (every network, every loss)
+    _close(run, local_reference, atol=1e-5)
     if kind == "deepspeed":
         assert checks["check.zero_to_fp32_maxdiff"].item() == 0.0  # export == DeepSpeed's consolidation
-        assert checks["check.ema_mismatch_raises"].item() == 1
-
+        assert checks["check.ema_mismatch_raises"].item() == 1  # unlike networks refuse the EMA pull
