@@ -136,6 +136,7 @@ class Tracker(NullTracker):
     """Rank 0's MLflow logger: JSONL now, MLflow from the writer process (see the module docstring)."""
 
     def __init__(self, setup: dict[str, Any], run_dir: Path, continuing: bool) -> None:
+        run_dir = run_dir.resolve()  # paths sent to the writer must not depend on its working directory
         self._run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = run_dir / JSONL_NAME
