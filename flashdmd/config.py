@@ -205,7 +205,7 @@ class EvalConfig:
     every: int = 0  # evaluate checkpoints every N steps in a side job; 0 = off
     seed: int = 10  # DMD2's COCO-10k seed (spec 6 #21)
     source: str = ""  # run dir, its final/ hand-over or a checkpoint step dir; "" -> the run dir
-    out_dir: str = ""  # results (images, table); "" -> <source run dir>/eval/step-<N>
+    out_dir: str = ""  # results (table, images) go to <out_dir>/step-<N>; "" -> <source run dir>/eval
     batch_size: int = 4  # images per generator call per rank
     method: str = ""  # the row name in the results table; "" -> "Flash-DMD <family> (step N)"
     save_images: bool = False  # also write every generated image under out_dir/images

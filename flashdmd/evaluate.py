@@ -1,0 +1,224 @@
+"""The eval job: a trained student on a prompt set, the paper's metrics, MLflow and a results table
+(issue 9 item 3; protocol of spec section 5: COCO-10k captions, fixed seeds, no CFG).
+
+``run_eval(cfg, student, rank, world_size)`` generates image ``i`` of the prompt set (prompt
+``i mod len(prompts)``, seed ``eval.seed + i``) on rank ``i mod world_size`` only, feeds each rank's
+images to the metrics of ``flashdmd.eval`` (``eval.metrics``; weights from ``eval.weights``, a
+metric without weights is skipped with its message), and sums the metrics' sufficient statistics
+over ranks (one all-reduce per statistic), so the numbers equal a one-rank evaluation: images
+depend only on prompt and seed (``flashdmd.sampling``), and the statistics are sums.
+
+``main(cfg, "eval")`` evaluates ``eval.source`` (a run dir, its ``final/`` hand-over or a
+checkpoint step dir) and, on rank 0, writes ``results.json`` and ``results.md`` (a table shaped like
+the paper's tables: method, NFE, one column per metric) to ``<eval.out_dir>/step-<N>``
+(default ``<run>/eval/step-<N>``), and logs ``eval/<metric>`` at the training step plus the table as an
+artifact to MLflow. The MLflow run is one eval run per training run, in the training run's
+experiment, nested under it (MLflow's parent tag) and found again by the tag ``flashdmd.eval_of``,
+so the checkpoint watcher (``flashdmd.eval_watch``) adds one point per checkpoint to the same
+curves. Departure: eval metrics live in that child run rather than in the training run itself,
+so an evaluation never writes into a run whose own writer process may be logging at that moment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, default_run_name, load_config
+from flashdmd.data.prompts import load_prompts
+from flashdmd.distributed import barrier, init_distributed, shutdown
+from flashdmd.eval import build_metrics, results_table
+from flashdmd.eval.table import COLUMN_ORDER
+from flashdmd.sampling import Student, StudentSource, load_student, to_uint8
+from flashdmd.tracking_writer import PARENT_TAG
+
+log = logging.getLogger("flashdmd.evaluate")
+EVAL_OF_TAG = "flashdmd.eval_of"
+RESULTS_JSON = "results.json"
+
+
+@dataclass
+class EvalResult:
+    step: int
+    method: str
+    nfe: int
+    num_images: int
+    prompts: str
+    metrics: dict[str, float]
+    skipped: dict[str, str] = field(default_factory=dict)
+    columns: list[str] = field(default_factory=list)  # every requested metric, skipped ones show "-"
+
+    @property
+    def table(self) -> str:
+        row = {"method": self.method, "nfe": self.nfe, "metrics": self.metrics}
+        return results_table([row], self.columns or None, notes=list(self.skipped.values()))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "method": self.method, "nfe": self.nfe, "num_images": self.num_images,
+                "prompts": self.prompts, "metrics": self.metrics, "skipped": self.skipped, "table": self.table}
+
+
+def prompt_set(cfg: Config) -> list[str]:
+    """``eval.num_images`` prompts (0: each prompt once); a shorter list is cycled, each image its own seed."""
+    if not cfg.eval.prompts:
+        raise ConfigError("the eval job needs eval.prompts: a text/JSONL prompt file, e.g. from data_tools/make_prompts.py")
+    prompts = load_prompts(cfg.eval.prompts)
+    n = cfg.eval.num_images or len(prompts)
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def shard(n: int, rank: int, world_size: int) -> list[int]:
+    """The image indices rank ``rank`` generates: disjoint across ranks, together 0..n-1."""
+    return list(range(rank, n, world_size))
+
+
+def method_name(cfg: Config, student: Student) -> str:
+    return cfg.eval.method or f"Flash-DMD {student.family} (step {student.source.step})"
+
+
+@torch.no_grad()
+def run_eval(cfg: Config, student: Student, rank: int = 0, world_size: int = 1,
+             image_dir: Path | None = None) -> EvalResult:
+    """Collective over the process group (if any): this rank's images -> metrics summed over ranks."""
+    prompts = prompt_set(cfg)
+    metrics, skipped = build_metrics(cfg.eval, student.device)
+    for message in skipped.values():
+        if rank == 0:
+            log.warning(message)
+    mine = shard(len(prompts), rank, world_size)
+    for start in range(0, len(mine), cfg.eval.batch_size):
+        idx = mine[start:start + cfg.eval.batch_size]
+        batch_prompts = [prompts[i] for i in idx]
+        images = student.generate(batch_prompts, [cfg.eval.seed + i for i in idx])
+        for metric in metrics.values():
+            metric.update(images, batch_prompts)
+        if image_dir is not None:
+            image_dir.mkdir(parents=True, exist_ok=True)
+            for i, image in zip(idx, images):
+                Image.fromarray(to_uint8(image)).save(image_dir / f"{i:05d}.png")
+    values = {}
+    for name, metric in metrics.items():
+        metric.all_reduce()
+        values[name] = metric.compute()
+    columns = [m for m in COLUMN_ORDER if m in cfg.eval.metrics] + [m for m in cfg.eval.metrics if m not in COLUMN_ORDER]
+    return EvalResult(student.source.step, method_name(cfg, student), student.nfe, len(prompts), cfg.eval.prompts,
+                      values, skipped, columns)
+
+
+def eval_root(cfg: Config, run_dir: Path) -> Path:
+    """Where evaluations of a run go: ``eval.out_dir``, else ``<run>/eval``; one ``step-<N>`` folder each."""
+    return Path(cfg.eval.out_dir) if cfg.eval.out_dir else run_dir / "eval"
+
+
+def out_dir_for(cfg: Config, source: StudentSource) -> Path:
+    return eval_root(cfg, source.run_dir) / f"step-{source.step:08d}"
+
+
+def eval_run_id(cfg: Config, source: StudentSource) -> str:
+    """The MLflow run holding this training run's evaluations: found by tag, else created (nested)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        location = None
+        if cfg.tracking_uri.startswith("sqlite:"):  # where flashdmd.tracking puts artifacts for this store
+            location = (Path(cfg.run_root).resolve() / "mlartifacts").as_uri()
+        experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    key = source.run_id or str(source.run_dir.resolve())
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{EVAL_OF_TAG}` = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    tags = {EVAL_OF_TAG: key, "flashdmd.stage": "eval", "flashdmd.family": cfg.model.family}
+    if source.run_id:
+        tags[PARENT_TAG] = source.run_id
+    run = client.create_run(experiment_id, run_name=f"{cfg.tracking.run_name or cfg.name}-eval", tags=tags)
+    client.set_terminated(run.info.run_id, "FINISHED")  # nothing keeps it open; logging to it still works
+    return run.info.run_id
+
+
+def log_to_mlflow(cfg: Config, source: StudentSource, result: EvalResult, table_path: Path) -> str:
+    """``eval/<metric>`` at the training step and the table as an artifact; returns the MLflow run id."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    run_id = eval_run_id(cfg, source)
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+    now = int(time.time() * 1000)
+    points = [Metric(f"eval/{name}", value, now, result.step) for name, value in result.metrics.items()]
+    client.log_batch(run_id, metrics=points)
+    client.log_artifact(run_id, str(table_path), artifact_path=f"step-{result.step:08d}")
+    return run_id
+
+
+def write_results(cfg: Config, source: StudentSource, result: EvalResult) -> Path:
+    """results.json and results.md under the output folder, then MLflow; returns the folder."""
+    out = out_dir_for(cfg, source)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(result.table)
+    data = result.to_json() | {"source": str(source.folder)}
+    data["mlflow_run_id"] = log_to_mlflow(cfg, source, result, out / "results.md")
+    (out / RESULTS_JSON).write_text(json.dumps(data, indent=1))
+    return out
+
+
+def load_student_ranked(cfg: Config, source: str | Path, rank: int, device: torch.device) -> Student:
+    """Rank 0 first: a tiny preset's cache is built once, then read by the others."""
+    student = load_student(cfg, source, device) if rank == 0 else None
+    barrier()
+    return student if student is not None else load_student(cfg, source, device)
+
+
+def evaluate_source(cfg: Config, student: Student, rank: int, world_size: int) -> EvalResult:
+    """Evaluate the student's current weights; rank 0 writes the results."""
+    image_dir = out_dir_for(cfg, student.source) / "images" if cfg.eval.save_images else None
+    result = run_eval(cfg, student, rank, world_size, image_dir)
+    if rank == 0:
+        out = write_results(cfg, student.source, result)
+        log.info("step %d: %s -> %s", result.step, result.metrics, out)
+    return result
+
+
+def main(cfg: Config, job: str = "eval") -> EvalResult:
+    """Launcher entry (every rank): evaluate ``eval.source`` (or the run dir)."""
+    ctx = init_distributed(cfg)
+    try:
+        student = load_student_ranked(cfg, cfg.eval.source or cfg.run_dir, ctx.rank, ctx.device)
+        result = evaluate_source(cfg, student, ctx.rank, ctx.world_size)
+        barrier()  # rank 0's files and MLflow points exist when any rank returns
+        return result
+    finally:
+        shutdown()
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flashdmd.evaluate", description="Evaluate a trained student.")
+    parser.add_argument("--config", default=DEFAULT_PRESET, help="the training run's preset name or YAML path")
+    parser.add_argument("--source", default="", help="run dir, final/ folder or checkpoint step dir (eval.source)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    cfg.name = cfg.name or default_run_name(args.config, "stage1")
+    cfg.eval.source = args.source or cfg.eval.source
+    result = main(cfg, "eval")
+    print(result.table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

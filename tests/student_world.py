@@ -1,0 +1,96 @@
+"""Shared fixtures for the export, sampling and evaluation tests (issue 9).
+
+``trained_run``: a real 2-iteration tiny-sdxl stage-1 run (toy shards, checkpoints at steps 1 and
+2, the ``final/`` hand-over), built once per test session. ``synthetic_handoff`` writes a hand-over
+with ``flashdmd.run.handoff.write_handoff`` for a generator whose weights were moved away from the
+teacher's (cheaper than training, for the families other than tiny-sdxl). ``tiny_clip`` and
+``tiny_image_reward`` save random-weight metric models, as tests/test_eval_metrics.py does.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flashdmd.config import REPO_ROOT, Config, load_config
+from flashdmd.engine.base import OptimSpec
+from flashdmd.engine.local import LocalEngine
+from flashdmd.nets.registry import build_parts
+from flashdmd.nets.tiny import tiny_clip_tokenizer
+from flashdmd.run.handoff import write_handoff
+
+PROMPTS = ["a photo of a cat", "a red car", "a bowl of fruit", "two dogs", "a house"]
+
+
+def run_config(root: Path, *overrides: str, preset: str = "tiny-sdxl", name: str = "run") -> Config:
+    return load_config(preset, [f"run_root={root}", f"name={name}", f"model.cache_dir={root / 'cache'}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> tuple[Config, Path]:
+    from flashdmd.train import main
+
+    root = tmp_path_factory.mktemp("trained")
+    shards = root / "shards"
+    subprocess.run([sys.executable, str(REPO_ROOT / "data_tools" / "make_toy_shards.py"), str(shards), "--count", "16",
+                    "--per-shard", "8", "--size", "64"], check=True, capture_output=True)
+    cfg = run_config(root, f"data.shards={shards}/toy-{{000000..000001}}.tar", "stage1.iterations=2",
+                     "checkpoint.every=1", "checkpoint.keep_last=3", "tracking.sample_every=0")
+    main(cfg, "stage1")
+    return cfg, cfg.run_dir
+
+
+def synthetic_handoff(root: Path, preset: str, *overrides: str, step: int = 7) -> tuple[Config, Path]:
+    """A hand-over whose generator is the teacher plus small seeded noise (so it differs from it)."""
+    cfg = run_config(root, *overrides, preset=preset)
+    parts = build_parts(cfg, root / "cache")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in parts.generator.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    engine = LocalEngine("cpu")
+    engine.setup({"generator": parts.generator}, {"generator": OptimSpec(lr=1e-8)}, {})
+    write_handoff(engine, {"generator": parts.generator}, cfg, step, None)
+    return cfg, cfg.run_dir
+
+
+def tiny_clip(folder: Path) -> Path:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    tokenizer = tiny_clip_tokenizer()
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def tiny_image_reward(folder: Path) -> Path:
+    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval
+
+    from flashdmd.eval.image_reward import reward_head
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = sorted({w for p in PROMPTS for w in p.split()})
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
+    sizes = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}
+    text = {**sizes, "vocab_size": len(tokenizer), "encoder_hidden_size": 32, "max_position_embeddings": 40}
+    vision = {**sizes, "image_size": 32, "patch_size": 8}
+    torch.manual_seed(0)
+    BlipForImageTextRetrieval(BlipConfig(text_config=text, vision_config=vision)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    head = reward_head(32)
+    save_file({f"layers.{k}": v.contiguous() for k, v in head.state_dict().items()}, str(folder / "mlp.safetensors"))
+    return folder
