@@ -47,7 +47,14 @@ fi
 [ "${1:-}" = --install-only ] && exit 0
 
 export SLURM_CONF=$CONF
-if [ -f "$CONF" ] && timeout 10 sinfo -h >/dev/null 2>&1; then
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+daemons_alive() {
+  alive "$DIR/slurmctld.pid" || return 1
+  local n=0 f
+  for f in "$DIR"/slurmd-*.pid; do alive "$f" && n=$((n + 1)); done
+  [ "$n" -ge "$NODES" ]
+}
+if [ -f "$CONF" ] && daemons_alive && timeout 10 sinfo -h >/dev/null 2>&1; then
   echo "export SLURM_CONF=$CONF"
   exit 0
 fi

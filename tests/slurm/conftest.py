@@ -20,7 +20,7 @@ CANNOT_RUN = 77
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """Yields the environment (with SLURM_CONF) of a running 2-node cluster; stops it afterwards if it started it."""
-    was_up = subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0 if _has("sinfo") else False
+    was_up = _has("sinfo") and subprocess.run(["timeout", "5", "sinfo", "-h"], capture_output=True).returncode == 0
     out = subprocess.run([str(ROOT / "scripts" / "slurm_up.sh")], capture_output=True, text=True, timeout=600)
     if out.returncode == CANNOT_RUN:
         pytest.skip(out.stderr.strip().splitlines()[-1])
