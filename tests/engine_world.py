@@ -322,3 +322,41 @@ def stage1_run(kind: str, cache: str, n: int, save_at: int = 0, ckpt_dir: str = 
 
         export_full_weights(engine, "generator", export_dir)
     return out
+
+
+def killed_save_run(kind: str, ckpt_dir: str) -> dict[str, Tensor]:
+    """Save step 1, then die (SIGKILL on every rank, as a node loss or a Slurm kill) in the
+    middle of saving step 2: after the networks are written, before the trainer state and marker.
+    Never returns; step 1's weights are left in ``<ckpt_dir>/step1-weights.safetensors``."""
+    import signal
+
+    from safetensors.torch import save_file
+
+    from flashdmd.checkpoint import save_checkpoint
+
+    engine = setup_engine(make_engine(kind))
+    iteration(engine, 0)
+    save_checkpoint(engine, ckpt_dir, 1, trainer={"mlflow_run_id": "run-1"}, rank_state={"position": 10 + engine.rank})
+    weights = flatten(full_weights(engine), prefix="w.")
+    if engine.rank == 0:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(ckpt_dir) / "step1-weights.safetensors"))
+    iteration(engine, 1)
+    original = engine.save
+
+    def dying_save(path: Path) -> None:
+        original(path)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    engine.save = dying_save  # type: ignore[method-assign]
+    save_checkpoint(engine, ckpt_dir, 2, trainer={"mlflow_run_id": "run-1"})
+    raise AssertionError("unreachable: the save above kills this process")
+
+
+def load_latest_run(kind: str, ckpt_dir: str) -> dict[str, Tensor]:
+    """Fresh processes, scrambled weights, then the newest valid checkpoint; returns the weights."""
+    from flashdmd.checkpoint import latest_valid, load_checkpoint
+
+    engine = setup_engine(make_engine(kind), scramble=True)
+    resumed = load_checkpoint(engine, latest_valid(ckpt_dir))
+    assert resumed.step == 1 and resumed.rank_state["position"] == 10 + engine.rank
+    return flatten(full_weights(engine), prefix="w.")

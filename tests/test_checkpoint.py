@@ -88,3 +88,21 @@ def test_save_killed_midway_leaves_previous_step(tmp_path: Path) -> None:
     iteration(engine, 1)
     save_checkpoint(engine, ckpt, 2, keep_last=1)
     assert latest_valid(ckpt) == step_dir(ckpt, 2) and not step_dir(ckpt, 1).exists()
+
+
+@pytest.mark.distributed
+def test_sharded_save_killed_on_every_rank_leaves_previous_step(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from torch.multiprocessing import ProcessExitedException
+
+    from engine_world import killed_save_run, load_latest_run
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(ProcessExitedException, match="terminated with signal"):
+        run_ranks(2, killed_save_run, "fsdp", str(ckpt), tmp=tmp_path)
+    assert step_dir(ckpt, 2).is_dir() and not is_valid(step_dir(ckpt, 2))
+    assert latest_valid(ckpt) == step_dir(ckpt, 1)
+    loaded = run_ranks(2, load_latest_run, "fsdp", str(ckpt), tmp=tmp_path)
+    expected = load_file(str(ckpt / "step1-weights.safetensors"))
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
