@@ -93,8 +93,8 @@ def run(args: argparse.Namespace, configs: list[tuple[str, Config]]) -> int:
         print(sub.describe() + (f"\n  runs after:    {dependency}" if dependency else ""), flush=True)
         previous = sub
     if previous is not None and previous.plan.executor == "local":
-        launcher.wait(previous)
-        print(f"{previous.plan.job} finished; run directory {previous.cfg.run_dir}")
+        result = launcher.wait(previous)[0]
+        print(f"{previous.plan.job} finished in {previous.cfg.run_dir}; rank 0 returned {result}")
     return 0
 
 
