@@ -134,6 +134,8 @@ def make_executor(plan: JobPlan, cfg: Config, folder: Path, dependency: str = ""
         "signal": f"USR1@{params['signal_delay_s']}",  # flashdmd.preemption's signal, not submitit's USR2
         "requeue": True,
     }
+    if dependency:
+        extra["kill-on-invalid-dep"] = "yes"  # stage 2 is cancelled when stage 1 fails, not left pending forever
     executor.update_parameters(
         name=cfg.name,
         nodes=params["nodes"],

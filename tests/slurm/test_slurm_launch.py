@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
 
 
-def probe_submit(tmp_path: Path, name: str, iterations: int, tags: str, every: int = 5):
+def probe_submit(tmp_path: Path, name: str, iterations: int, tags: str, every: int = 5, dependency: str = ""):
     cfg = load_config("gmm2d", [
         "launch.executor=slurm", "launch.gpus_per_node=1", "launch.nodes=2", "launch.cpus_per_task=1",
         "launch.time_minutes=30", "launch.signal_lead_s=60", "launch.max_requeues=2",
@@ -29,7 +29,7 @@ def probe_submit(tmp_path: Path, name: str, iterations: int, tags: str, every: i
         f"run_root={tmp_path}", f"name={name}", "engine.collective_timeout_s=120",
     ])
     plan = build_plan("stage1", "gmm2d", cfg)
-    return launcher.submit(plan, cfg, entry="probe_job:main", pythonpath=[str(HERE)])
+    return launcher.submit(plan, cfg, dependency=dependency, entry="probe_job:main", pythonpath=[str(HERE)])
 
 
 def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.2):
@@ -42,13 +42,18 @@ def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.2):
     raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def test_real_error_fails_the_job_without_requeue(slurm_cluster, tmp_path):
+def test_real_error_fails_the_job_without_requeue_and_cancels_its_dependent(slurm_cluster, tmp_path):
     sub = probe_submit(tmp_path, "fails", iterations=20, tags="{step_s: '0.05', fail_at: '3'}")
+    after = probe_submit(tmp_path, "after", iterations=2, tags="{}", dependency=f"afterok:{sub.job_id}")
     with pytest.raises(Exception, match="deliberate failure at step 3"):
         launcher.wait(sub, timeout_s=120)
     wait_for(lambda: cluster.job_state(sub.job_id) not in cluster.ACTIVE_STATES, 60, "the job to end")
     assert cluster.job_field(sub.job_id, "Restarts") == "0"
     assert cluster.job_state(sub.job_id) == "FAILED"
+    # the dependent stage is cancelled (kill-on-invalid-dep), not left pending forever
+    wait_for(lambda: cluster.job_state(after.job_id) not in cluster.ACTIVE_STATES, 60, "the dependent job to end")
+    assert cluster.job_state(after.job_id) == "CANCELLED"
+    assert not (tmp_path / "after" / "events.jsonl").exists()
 
 
 def submit_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
