@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 NONE, TERMINATE, REQUEUE = 0, 1, 2
 _REASON_OF_SIGNAL = {signal.SIGUSR1: REQUEUE, signal.SIGUSR2: REQUEUE, signal.SIGTERM: TERMINATE}
 REQUEUE_EXIT_CODE = 0  # the requeue is already issued; the step's exit status does not decide anything
+TERM_EXIT_CODE = 128 + signal.SIGTERM  # the shell's status for "ended by SIGTERM"
 LOCAL_REQUEUE_EXIT_CODE = 144  # submitit.local.local.LOCAL_REQUEUE_RETURN_CODE: the local controller restarts the tasks
 
 
@@ -111,19 +112,23 @@ class Preemption:
         """Requeue (when the signal asked for it and requeues are left) and exit; never returns.
 
         Call after every rank has saved the checkpoint of ``step``. Raises ``SystemExit`` when the
-        job is requeued (so submitit writes no result and the requeued run supplies it), and
-        ``PreemptedError`` when it is not, so the job ends visibly failed with the reason.
+        job is requeued or was told to stop by SIGTERM (so submitit writes no result and a
+        requeued run supplies it), and ``PreemptedError`` when USR1 asked for a requeue but none
+        is left, so the job ends visibly failed with the reason.
         """
         barrier()  # every rank has finished writing before anyone requeues
-        if self.agreed == REQUEUE and self.requeues_left() > 0:
-            code = self._requeue(step)
-            raise SystemExit(code)
-        if self.agreed == REQUEUE:
-            why = f"it was already requeued {self._restart_count()} times (launch.max_requeues={self.max_requeues})"
-        else:
-            why = "SIGTERM asks to stop (scancel or preemption); the sender decides about requeueing"
+        if self.agreed == TERMINATE:
+            # scancel, `scontrol requeue` or PreemptMode=REQUEUE: whoever sent TERM decides what
+            # happens next; leave without a result, so a requeued run can still supply it
+            if self.ctx.is_main:
+                log.warning("step %d saved after SIGTERM; exiting (the sender decides about a requeue)", step)
+            raise SystemExit(TERM_EXIT_CODE)
+        if self.requeues_left() > 0:
+            raise SystemExit(self._requeue(step))
         raise PreemptedError(
-            f"stopped after saving step {step}; not requeued because {why}. Resubmit the same command to resume."
+            f"stopped after saving step {step}; not requeued because it was already requeued "
+            f"{self._restart_count()} times (launch.max_requeues={self.max_requeues}). "
+            "Resubmit the same command to resume."
         )
 
     def _restart_count(self) -> int:

@@ -4,6 +4,7 @@ submission. The preemption -> save -> requeue -> resume path runs through flashd
 test_slurm_train.py."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -54,6 +55,27 @@ def test_real_error_fails_the_job_without_requeue_and_cancels_its_dependent(slur
     wait_for(lambda: cluster.job_state(after.job_id) not in cluster.ACTIVE_STATES, 60, "the dependent job to end")
     assert cluster.job_state(after.job_id) == "CANCELLED"
     assert not (tmp_path / "after" / "events.jsonl").exists()
+
+
+def events(run_dir: Path) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_scontrol_requeue_saves_on_sigterm_and_slurm_resumes_the_run(slurm_cluster, tmp_path):
+    """An admin requeue (like PreemptMode=REQUEUE) sends TERM: all ranks save, exit, Slurm requeues."""
+    sub = probe_submit(tmp_path, "requeued", iterations=20, tags="{step_s: '0.3'}", every=100)
+    run_dir = sub.cfg.run_dir
+    wait_for(lambda: any(e["event"] == "step" and e["step"] >= 3 for e in events(run_dir)), 120, "step 3")
+    subprocess.run(["scontrol", "requeue", sub.job_id], check=True)
+    results = launcher.wait(sub, timeout_s=240)  # the first run left no result: these come from the resumed run
+    log = events(run_dir)
+    stop, resume = (next(e for e in log if e["event"] == k) for k in ("stop", "resume"))
+    assert stop["signal"] == "SIGTERM" and resume["step"] == stop["step"] and resume["restart"] == 1
+    assert {r["run_id"] for r in results} == {log[0]["run_id"]} and {r["restarts"] for r in results} == {1}
+    saved = sub.cfg.checkpoint_dir / f"step_{stop['step']:08d}"
+    assert sorted(p.name for p in saved.iterdir()) == ["COMPLETE", "rank0.json", "rank1.json"]
+    assert [e["step"] for e in log if e["event"] == "step"] == list(range(20))  # every step exactly once
 
 
 def submit_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
