@@ -176,13 +176,13 @@ def model_card(cfg: Config, student: Student, facts: dict[str, Any], kwargs: dic
         "",
     ]
     if family.kind == "sd3":
-        lines += ["**Note:** StableDiffusion3Pipeline does not hand `generator` to the scheduler's step, so the "
+        lines += [("**Note:** StableDiffusion3Pipeline does not hand `generator` to the scheduler's step, so the "
                   "re-noising between steps draws from torch's global RNG: seed it with `torch.manual_seed` (and pass "
-                  "no generator) to reproduce an image; with seed s this gives flashdmd's sampler's image for seed s.",
+                  "no generator) to reproduce an image; with seed s this gives flashdmd's sampler's image for seed s."),
                   ""]
     if not facts["exact"]:
-        lines += [f"**Note:** `num_inference_steps={student.nfe}` alone does not reproduce the student's timesteps "
-                  f"(the scheduler gives {facts['set_timesteps_gives']}); pass {facts['call_kwargs']} as above.", ""]
+        lines += [(f"**Note:** `num_inference_steps={student.nfe}` alone does not reproduce the student's timesteps "
+                  f"(the scheduler gives {facts['set_timesteps_gives']}); pass {facts['call_kwargs']} as above."), ""]
     if family.kind == "sd3" and student.text.t5 is None:
         lines += ["**Note:** trained without T5 (`model.use_t5=false`: the T5 slot holds zeros). `text_encoder_3` is "
                   "a one-layer placeholder whose output is exactly zero, so the pipeline sees what the student saw."
