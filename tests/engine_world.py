@@ -273,11 +273,13 @@ def _deepspeed_checks(engine: Engine, native_dir: Path) -> dict[str, Tensor]:
 PROMPTS = ["a red car", "a cat on a mat", "a bowl of fruit", "a blue house"]
 
 
-def stage1_config(kind: str, cache: str) -> Any:
+def stage1_config(kind: str, cache: str, preset: str = "tiny-sdxl") -> Any:
+    """tiny-sdxl without LoRA, or a preset as it is (tiny-sd3: LoRA, EMA on the adapters)."""
     from flashdmd.config import load_config
 
-    return load_config("tiny-sdxl", [f"engine.kind={kind}", "engine.teacher_sharding=zero3", f"model.cache_dir={cache}",
-                                     "model.lora.enabled=false", "stage1.fake_ema_decay=0.9"])
+    lora = ["model.lora.enabled=false"] if preset == "tiny-sdxl" else []
+    return load_config(preset, [f"engine.kind={kind}", "engine.teacher_sharding=zero3", f"model.cache_dir={cache}",
+                                "stage1.fake_ema_decay=0.9", *lora])
 
 
 def stage1_batch(parts: Any, step: int, rank: int, world: int) -> Any:
@@ -293,14 +295,15 @@ def stage1_batch(parts: Any, step: int, rank: int, world: int) -> Any:
     return Batch(cond=cond, uncond=uncond, real=real, size=per)
 
 
-def stage1_run(kind: str, cache: str, n: int, save_at: int = 0, ckpt_dir: str = "", resume: bool = False) -> dict[str, Tensor]:
+def stage1_run(kind: str, cache: str, n: int, save_at: int = 0, ckpt_dir: str = "", resume: bool = False,
+               preset: str = "tiny-sdxl") -> dict[str, Tensor]:
     """Stage-1 iterations of the real algorithm on tiny-sdxl under ``kind`` (ddp = LocalEngine over DDP)."""
     from flashdmd.algo.stage1 import Stage1
     from flashdmd.checkpoint import latest_valid, load_checkpoint, save_checkpoint
     from flashdmd.engine.factory import build_engine, optim_specs
     from flashdmd.nets.registry import build_parts
 
-    cfg = stage1_config("local" if kind == "ddp" else kind, cache)
+    cfg = stage1_config("local" if kind == "ddp" else kind, cache, preset)
     torch.manual_seed(0)  # identical discriminator heads on every rank
     parts = build_parts(cfg, Path(cache))
     engine = build_engine(cfg)
@@ -314,6 +317,7 @@ def stage1_run(kind: str, cache: str, n: int, save_at: int = 0, ckpt_dir: str = 
         if save_at and step + 1 == save_at:
             save_checkpoint(engine, ckpt_dir, save_at, trainer={"mlflow_run_id": "run-1"})
     out = {f"w.{k}": v for k, v in engine.full_state_dict("generator").items()}
+    out.update({f"f.{k}": v for k, v in engine.full_state_dict("fake_score").items()})
     for i, stats in enumerate(losses):
         out.update({f"loss.{first + i}.{k}": torch.tensor(v) for k, v in stats.items()})
     if kind != "ddp" and not resume:

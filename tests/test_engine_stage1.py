@@ -39,7 +39,7 @@ def ddp_run(cache: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, t
 
 
 def _tail(run: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in run.items() if k.startswith("w.") or int(k.split(".")[1]) >= K}
+    return {k: v for k, v in run.items() if not k.startswith("loss.") or int(k.split(".")[1]) >= K}
 
 
 def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
@@ -66,6 +66,22 @@ def test_sharded_stage1_matches_local_resumes_and_exports(kind: str, cache: str,
     resumed = run_ranks(2, stage1_run, kind, cache, N, 0, str(ckpt), True, tmp=tmp_path)
     worst = _worst(resumed, _tail(straight))
     assert worst[0] <= 1e-6, f"{kind} resumed vs uninterrupted: {worst}"
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_lora_ema_on_adapter_shards_matches_local(cache: str, tmp_path: Path) -> None:
+    """tiny-sd3 with LoRA: one generator update, the EMA pull on the adapter weights only, then
+    the critics; FSDP2 and ZeRO-3 against the local engine over DDP (observed <= 3e-8)."""
+    from flashdmd.nets.registry import build_parts
+
+    build_parts(stage1_config("local", cache, "tiny-sd3"), Path(cache))
+    runs = {kind: run_ranks(2, stage1_run, kind, cache, 1, 0, str(tmp_path / kind), False, "tiny-sd3", tmp=tmp_path)
+            for kind in ("ddp", "fsdp", "deepspeed")}
+    assert any(".lora_" in k and k.startswith("f.") for k in runs["ddp"])  # the fake score's adapter is compared
+    for kind in ("fsdp", "deepspeed"):
+        worst = _worst(runs[kind], runs["ddp"])
+        assert worst[0] <= 1e-5, f"{kind} vs local: {worst}"
 
 
 def test_export_tiny_sd3_lora_fuses_into_plain_transformer(cache: str, tmp_path: Path) -> None:
