@@ -32,7 +32,7 @@ from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, default_run_nam
 from flashdmd.distributed import barrier, init_distributed, shutdown
 from flashdmd.evaluate import RESULTS_JSON, EvalResult, eval_root, evaluate_source
 from flashdmd.run.handoff import FINAL, META
-from flashdmd.sampling import Student, StudentSource, find_student, new_student
+from flashdmd.sampling import Student, StudentSource, default_source, find_student, new_student
 
 log = logging.getLogger("flashdmd.eval_watch")
 
@@ -112,10 +112,10 @@ def watch(cfg: Config, rank: int, world_size: int, device: torch.device, run_dir
 
 
 def main(cfg: Config, job: str = "watch") -> list[EvalResult]:
-    """Launcher entry (every rank): watch ``eval.source`` (a run directory; "" -> this config's run dir)."""
+    """Launcher entry (every rank): watch ``eval.source`` (a run directory; "" -> ``sampling.default_source``)."""
     ctx = init_distributed(cfg)
     try:
-        run_dir = Path(cfg.eval.source) if cfg.eval.source else cfg.run_dir
+        run_dir = Path(cfg.eval.source) if cfg.eval.source else default_source(cfg, job, need_student=False)
         results = watch(cfg, ctx.rank, ctx.world_size, ctx.device, run_dir)
         barrier()
         return results

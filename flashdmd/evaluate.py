@@ -37,7 +37,7 @@ from flashdmd.data.prompts import load_prompts
 from flashdmd.distributed import barrier, init_distributed, shutdown
 from flashdmd.eval import build_metrics, results_table
 from flashdmd.eval.table import COLUMN_ORDER
-from flashdmd.sampling import Student, StudentSource, load_student, to_uint8
+from flashdmd.sampling import Student, StudentSource, default_source, load_student, to_uint8
 from flashdmd.tracking_writer import PARENT_TAG
 
 log = logging.getLogger("flashdmd.evaluate")
@@ -190,10 +190,10 @@ def evaluate_source(cfg: Config, student: Student, rank: int, world_size: int) -
 
 
 def main(cfg: Config, job: str = "eval") -> EvalResult:
-    """Launcher entry (every rank): evaluate ``eval.source`` (or the run dir)."""
+    """Launcher entry (every rank): evaluate ``eval.source`` (or the training run, ``sampling.default_source``)."""
     ctx = init_distributed(cfg)
     try:
-        student = load_student_ranked(cfg, cfg.eval.source or cfg.run_dir, ctx.rank, ctx.device)
+        student = load_student_ranked(cfg, cfg.eval.source or default_source(cfg, job), ctx.rank, ctx.device)
         result = evaluate_source(cfg, student, ctx.rank, ctx.world_size)
         barrier()  # rank 0's files and MLflow points exist when any rank returns
         return result

@@ -55,7 +55,7 @@ from flashdmd.distributed import init_distributed, shutdown
 from flashdmd.engine.base import OptimSpec
 from flashdmd.engine.local import LocalEngine
 from flashdmd.export import export_full_weights, find_diffusers_model
-from flashdmd.sampling import Student, find_student, load_student
+from flashdmd.sampling import Student, default_source, find_student, load_student
 
 log = logging.getLogger("flashdmd.pipeline_export")
 
@@ -242,12 +242,13 @@ def default_out_dir(cfg: Config, source: str | Path) -> Path:
 
 
 def main(cfg: Config, job: str = "export") -> Path | None:
-    """Launcher entry: rank 0 exports ``export.source`` (or the run dir) to ``export.out_dir`` (or ``<run>/export/step-N``)."""
+    """Launcher entry: rank 0 exports ``export.source`` (or the training run, ``sampling.default_source``)
+    to ``export.out_dir`` (or ``<run>/export/step-N``)."""
     ctx = init_distributed(cfg)
     try:
         if not ctx.is_main:
             return None
-        source = cfg.export.source or str(cfg.run_dir)
+        source = cfg.export.source or default_source(cfg, job)
         return export_pipeline(cfg, source, cfg.export.out_dir or default_out_dir(cfg, source))
     finally:
         shutdown()

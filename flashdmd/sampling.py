@@ -96,6 +96,32 @@ def find_student(source: str | Path) -> StudentSource:
     )
 
 
+def default_source(cfg: Config, job: str, need_student: bool = True) -> Path:
+    """The training run a job looks at when its ``*.source`` is empty.
+
+    This config's run directory if it holds a student; under the default names of
+    ``jobs/submit.py`` ("<preset>-<job>", e.g. tiny-sdxl-eval) the preset's stage-2 run, else its
+    stage-1 run. ``need_student=False`` (the watcher, before the first checkpoint) takes the first
+    of those directories that exists.
+    """
+    candidates = [cfg.run_dir]
+    if cfg.name.endswith(f"-{job}"):
+        base = cfg.name.removesuffix(f"-{job}")
+        candidates += [Path(cfg.run_root) / f"{base}-stage2", Path(cfg.run_root) / f"{base}-stage1"]
+    for path in candidates:
+        if need_student:
+            try:
+                find_student(path)
+                return path
+            except (FileNotFoundError, OSError):
+                continue
+        elif path.is_dir():
+            return path
+    raise FileNotFoundError(f"no training run found for the {job} job in {', '.join(map(str, candidates))}; "
+                            f"set {job if job != 'watch' else 'eval'}.source to a run directory, final/ folder or "
+                            "checkpoint step directory")
+
+
 def timesteps_of(cfg: Config, source: StudentSource) -> list[int]:
     """The student's timesteps: as recorded with the weights, else the config's (spec 1.2)."""
     return list(source.student_timesteps or cfg.stage1.student_timesteps)
@@ -208,7 +234,7 @@ def sample_prompts(cfg: Config) -> list[str]:
 def run_sample(cfg: Config, device: torch.device | str = "cpu") -> Path:
     """Generate the sample job's images; returns the output folder."""
     prompts = sample_prompts(cfg)
-    student = load_student(cfg, cfg.sample.source or cfg.run_dir, device)
+    student = load_student(cfg, cfg.sample.source or default_source(cfg, "sample"), device)
     expanded = [p for p in prompts for _ in range(cfg.sample.images_per_prompt)]
     seeds = [cfg.sample.seed + i for i in range(len(expanded))]
     images = generate_batched(student, expanded, seeds, cfg.sample.batch_size)

@@ -14,7 +14,7 @@ from student_world import PROMPTS, trained_run  # noqa: F401  (fixture)
 
 from flashdmd.checkpoint import step_dir
 from flashdmd.diffusion.rollout import randn, sample_student
-from flashdmd.sampling import cli, find_student, load_student, main
+from flashdmd.sampling import cli, default_source, find_student, load_student, main
 
 
 def test_find_student_in_run_dirs_hand_overs_and_checkpoints(trained_run, tmp_path):  # noqa: F811
@@ -100,3 +100,17 @@ def test_sample_job_without_prompts_says_what_to_set(trained_run, capsys):  # no
     cfg, run_dir = trained_run
     code = cli(["--config", "tiny-sdxl", "--source", str(run_dir), f"run_root={cfg.run_root}"])
     assert code == 2 and "sample.prompts" in capsys.readouterr().err
+
+
+def test_jobs_under_default_names_find_the_training_run(trained_run, tmp_path):  # noqa: F811
+    cfg, run_dir = trained_run
+    cfg = copy.deepcopy(cfg)
+    cfg.run_root, cfg.name = str(tmp_path), "tiny-sdxl-sample"  # what jobs/submit.py names a sample job
+    with pytest.raises(FileNotFoundError, match="tiny-sdxl-stage1"):
+        default_source(cfg, "sample")
+    (tmp_path / "tiny-sdxl-stage1").symlink_to(run_dir)
+    assert default_source(cfg, "sample") == tmp_path / "tiny-sdxl-stage1"
+    (tmp_path / "tiny-sdxl-stage2").mkdir()  # stage 2 started but holds no student yet
+    assert default_source(cfg, "sample") == tmp_path / "tiny-sdxl-stage1"
+    cfg.name = "tiny-sdxl-watch"
+    assert default_source(cfg, "watch", need_student=False) == tmp_path / "tiny-sdxl-stage2"
