@@ -160,6 +160,23 @@ class EngineConfig:
 
 
 @dataclass
+class HealthConfig:
+    """Training health (issue 11): non-finite steps and monitor bounds (flashdmd/run/guard.py, health.py)."""
+
+    max_consecutive_nonfinite: int = 3  # this many non-finite steps in a row trigger on_nonfinite
+    on_nonfinite: Literal["rollback", "stop"] = "rollback"  # back to the last valid checkpoint, or stop the run
+    rollback_lr_factor: float = 0.5  # every learning rate is multiplied by this at each rollback
+    max_rollbacks: int = 2  # past this many rollbacks the run stops
+    monitors: bool = True  # health/* metrics at every tracking.log_every step
+    monitor_batch: int = 8  # generator samples per monitor measurement
+    fake_lag_max: float = 0.0  # warn above: fake-score denoising loss on fresh generator samples; 0 = no bound
+    dm_grad_norm_max: float = 0.0  # warn above: generator gradient norm at a DM step; 0 = no bound
+    d_logit_gap_max: float = 0.0  # warn above: |mean D(real) - mean D(fake)|; 0 = no bound
+    latent_drift_max: float = 0.0  # warn above: |mean - mean_0| or |std / std_0 - 1| of generator samples; 0 = no bound
+    diversity_min: float = 0.0  # stage 2, warn below: mean pairwise distance of samples for one prompt; 0 = no bound
+
+
+@dataclass
 class LaunchConfig:
     executor: Literal["auto", "slurm", "local"] = "auto"
     nodes: int = 1
@@ -211,6 +228,8 @@ class EvalConfig:
     save_images: bool = False  # also write every generated image under out_dir/images
     poll_s: float = 60.0  # watcher: seconds between looks at the checkpoint directory
     watch_timeout_s: float = 0.0  # watcher: stop after this long without a new checkpoint; 0 = until the run's hand-over
+    teacher_steps: int = 0  # > 0: the eval job adds the teacher's row (this many DDIM/Euler steps); 0 = no teacher row
+    teacher_guidance: float = 0.0  # the teacher row's CFG scale; 0 -> stage1.real_guidance_scale
 
 
 @dataclass
@@ -244,6 +263,7 @@ class Config:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -570,13 +590,23 @@ def _rules(cfg: Config) -> list[tuple[bool, str]]:
         (launch.max_requeues >= 0, "launch.max_requeues must be >= 0"),
         (cfg.engine.collective_timeout_s >= 1, "engine.collective_timeout_s must be >= 1"),
         (cfg.engine.kind != "local" or not (cfg.engine.offload_optimizer or cfg.engine.offload_params), "engine.offload_* needs engine.kind deepspeed or fsdp"),
+        (cfg.health.max_consecutive_nonfinite >= 1 and cfg.health.max_rollbacks >= 0,
+         "health.max_consecutive_nonfinite must be >= 1 and health.max_rollbacks >= 0"),
+        (0 < cfg.health.rollback_lr_factor < 1, "health.rollback_lr_factor must lie in (0, 1)"),
+        (
+            cfg.health.monitor_batch >= 2 and min(cfg.health.fake_lag_max, cfg.health.dm_grad_norm_max, cfg.health.d_logit_gap_max,
+                                                  cfg.health.latent_drift_max, cfg.health.diversity_min) >= 0,
+            "health.monitor_batch must be >= 2 and the health bounds (*_max, diversity_min) >= 0 (0 = no bound)",
+        ),
         (cfg.tracking.log_every >= 1 and cfg.tracking.sample_every >= 0, "tracking.log_every >= 1 and tracking.sample_every >= 0"),
         (cfg.checkpoint.every >= 1 and cfg.checkpoint.keep_last >= 1, "checkpoint.every and checkpoint.keep_last must be >= 1"),
         (
             cfg.eval.num_images >= 0 and cfg.eval.every >= 0 and cfg.eval.watch_timeout_s >= 0 and cfg.eval.poll_s > 0
+            and min(cfg.eval.teacher_steps, cfg.eval.teacher_guidance) >= 0
             and min(cfg.eval.batch_size, cfg.sample.batch_size, cfg.sample.images_per_prompt) >= 1,
-            "eval.num_images and eval.every must be >= 0 (and eval.watch_timeout_s >= 0, eval.poll_s > 0, "
-            "eval.batch_size, sample.batch_size and sample.images_per_prompt >= 1)",
+            "eval.num_images and eval.every must be >= 0 (and eval.watch_timeout_s, eval.teacher_steps, "
+            "eval.teacher_guidance >= 0, eval.poll_s > 0, eval.batch_size, sample.batch_size and "
+            "sample.images_per_prompt >= 1)",
         ),
         ("/" not in cfg.name and cfg.name not in (".", ".."), "name must be a plain directory name (no '/')"),
     ]
