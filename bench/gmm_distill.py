@@ -1,0 +1,248 @@
+"""Benchmark on the exact 2-D toy world: Flash-DMD vs the DMD2 baseline, joint RL vs RL-only.
+
+Runs, for a fixed budget and fixed seeds, through the very same stage-1/stage-2 code that the
+image families use (LocalEngine, gmm2d parts):
+
+1. the 50-step teacher sampler (the quality reference);
+2. stage 1 in Flash-DMD mode and in DMD2 mode (both losses on every step, no EMA pull, TTUR 5
+   as in DMD2's recipe), scoring the 4-step student every ``--eval-every`` iterations;
+3. stage 2 from the Flash-DMD stage-1 result: joint (5 RL : 1 distillation) vs RL only.
+
+Metrics (flashdmd.metrics.gmm): sliced W2 to fresh true samples, modes covered, mean reward of
+the stage-2 reward (closeness to ``model.gmm.reward_mode``). Writes bench/results/gmm_distill.json
+and prints a table. Usage: ``python bench/gmm_distill.py [--quick] [key=value overrides]``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from flashdmd.algo.batch import Batch  # noqa: E402
+from flashdmd.algo.stage1 import Stage1, stage1_optim_specs  # noqa: E402
+from flashdmd.algo.stage2 import Stage2, stage2_optim_specs  # noqa: E402
+from flashdmd.config import Config, load_config  # noqa: E402
+from flashdmd.diffusion.rollout import sample_student, timesteps_tensor  # noqa: E402
+from flashdmd.diffusion.sampler import sample_teacher  # noqa: E402
+from flashdmd.engine.local import LocalEngine  # noqa: E402
+from flashdmd.metrics.gmm import mode_mass, modes_covered, sliced_w2  # noqa: E402
+from flashdmd.nets.gmm2d import GMM, build_gmm_parts  # noqa: E402
+from flashdmd.nets.parts import Parts  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "gmm_distill.json"
+DMD2_OVERRIDES = ["stage1.mode=dmd2", "stage1.ttur=5", "stage1.fake_ema=false"]
+
+
+@dataclass
+class EvalSet:
+    """Fixed noise, fixed true samples and fixed projections: every score uses the same draws."""
+
+    z: torch.Tensor
+    real: torch.Tensor
+    seed: int
+
+
+def make_eval_set(gmm: GMM, n: int, seed: int = 123) -> EvalSet:
+    g = torch.Generator().manual_seed(seed)
+    return EvalSet(torch.randn(n, 2, generator=g), gmm.sample(n, g)[0], seed)
+
+
+def score(x: torch.Tensor, parts: Parts, ev: EvalSet) -> dict[str, float]:
+    gmm: GMM = parts.extras["gmm"]
+    mass = mode_mass(x, gmm.means)
+    reward = parts.reward(x, timesteps_tensor(0, len(x), x.device), {})
+    return {
+        "sw2": sliced_w2(x, ev.real, generator=torch.Generator().manual_seed(ev.seed)),
+        "modes_covered": modes_covered(mass, gmm.weights),
+        "reward": float(reward.mean()),
+        "reward_mode_mass": float(mass[parts.extras["reward_mode"]]),
+    }
+
+
+def evaluate_student(generator: torch.nn.Module, parts: Parts, cfg: Config, ev: EvalSet) -> dict[str, float]:
+    x = sample_student(generator, parts.schedule, ev.z, cfg.stage1.student_timesteps, {},
+                       torch.Generator().manual_seed(ev.seed + 1))
+    return score(x, parts, ev)
+
+
+def make_engine(parts: Parts, cfg: Config, stage: int) -> LocalEngine:
+    """Stage 2 adds the frozen reference: a copy of the generator as stage 2 starts."""
+    frozen = parts.frozen()
+    if stage == 2:
+        frozen["reference"] = copy.deepcopy(parts.generator)
+    engine = LocalEngine()
+    engine.setup(parts.trainable(), stage1_optim_specs(cfg.stage1) if stage == 1 else stage2_optim_specs(cfg), frozen)
+    return engine
+
+
+def data_batch(parts: Parts, n: int, gen: torch.Generator) -> Batch:
+    x, _ = parts.extras["gmm"].sample(n, gen)
+    return Batch(cond={}, uncond={}, real=parts.decoder(x), size=n)
+
+
+def run_stage1(cfg: Config, parts: Parts, ev: EvalSet, eval_every: int) -> list[dict[str, float]]:
+    """Train stage 1 on ``parts`` in place; the curve of 4-step student scores."""
+    engine = make_engine(parts, cfg, stage=1)
+    stage1 = Stage1(cfg.stage1, parts, engine, cfg.seed)
+    data = torch.Generator().manual_seed(cfg.seed + 17)
+    curve = [{"iteration": 0, "generator_updates": 0, **evaluate_student(parts.generator, parts, cfg, ev)}]
+    updates = 0
+    for it in range(cfg.stage1.iterations):
+        updates += it % cfg.stage1.ttur == 0
+        stage1.step(it, data_batch(parts, cfg.data.batch_size, data))
+        if (it + 1) % eval_every == 0:
+            curve.append({"iteration": it + 1, "generator_updates": updates,
+                          **evaluate_student(parts.generator, parts, cfg, ev)})
+    return curve
+
+
+def run_stage2(cfg: Config, parts: Parts, ev: EvalSet, eval_every: int) -> list[dict[str, float]]:
+    """Stage 2 from the current weights of ``parts`` (the reference is their frozen copy)."""
+    engine = make_engine(parts, cfg, stage=2)
+    stage2 = Stage2(cfg, parts, engine, cfg.seed, Stage1(cfg.stage1, parts, engine, cfg.seed))
+    data = torch.Generator().manual_seed(cfg.seed + 29)
+    curve = [{"iteration": 0, **evaluate_student(parts.generator, parts, cfg, ev)}]
+    for it in range(cfg.stage2.iterations):
+        stage2.step(it, data_batch(parts, cfg.data.batch_size, data))
+        if (it + 1) % eval_every == 0:
+            curve.append({"iteration": it + 1, **evaluate_student(parts.generator, parts, cfg, ev)})
+    return curve
+
+
+def first_below(curve: list[dict[str, float]], threshold: float) -> int | None:
+    """Generator updates at the first evaluation with SW2 <= threshold (None: never)."""
+    for point in curve:
+        if point["sw2"] <= threshold:
+            return int(point["generator_updates"])
+    return None
+
+
+def trainable_copy(parts: Parts) -> Parts:
+    """Parts sharing the frozen networks, with independent copies of the trainable ones."""
+    return dataclasses.replace(parts, **{k: copy.deepcopy(getattr(parts, k))
+                                         for k in ("generator", "fake_score", "discriminator")})
+
+
+STAGE1_RUNS = {  # name -> overrides on top of the gmm2d preset
+    "flash": [],
+    "flash_no_ema": ["stage1.fake_ema=false"],
+    "flash_no_gan": ["stage1.gan_weight=0.0"],
+    "dmd2": DMD2_OVERRIDES,
+    "dmd2_ttur2": ["stage1.mode=dmd2", "stage1.ttur=2", "stage1.fake_ema=false"],
+}
+STAGE2_RUNS = {"joint": [], "rl_only": ["stage2.distill=false"]}
+THRESHOLD_FACTORS = (2.0, 1.75, 1.5)
+
+
+def summarise(finals: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over seeds; modes covered as the minimum (the worst seed)."""
+    out = {k: sum(f[k] for f in finals) / len(finals) for k in ("sw2", "reward", "reward_mode_mass")}
+    out["sw2_max"] = max(f["sw2"] for f in finals)
+    out["modes_covered_min"] = min(f["modes_covered"] for f in finals)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", help="config overrides applied to every run (key=value)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-samples", type=int, default=10000, help="samples per curve point")
+    ap.add_argument("--final-samples", type=int, default=40000, help="samples for the final scores")
+    ap.add_argument("--cache", type=Path, default=REPO / "runs" / "cache")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--quick", action="store_true", help="a few iterations only (smoke test)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # tiny MLPs: more threads only contend (20x slower on a loaded 2-core box)
+    quick = ["stage1.iterations=10", "stage2.iterations=6"] if args.quick else []
+    base = args.overrides + quick
+    started = time.time()
+
+    parts = build_gmm_parts(load_config("gmm2d", base), args.cache)
+    gmm = parts.extras["gmm"]
+    ev, final_ev = make_eval_set(gmm, args.eval_samples), make_eval_set(gmm, args.final_samples, seed=999)
+    teacher = {n: score(sample_teacher(parts.teacher, parts.schedule, e.z, 50, {}, {}), parts, e)
+               for n, e in (("curve", ev), ("final", final_ev))}
+    undistilled = evaluate_student(parts.generator, parts, load_config("gmm2d", base), final_ev)
+    thresholds = {str(f): f * teacher["curve"]["sw2"] for f in THRESHOLD_FACTORS}
+    results: dict = {"config": base, "seeds": args.seeds, "final_samples": args.final_samples, "teacher_50_step": teacher, "undistilled_4_step": undistilled,
+                     "sw2_thresholds": thresholds, "stage1": {}, "stage2": {}}
+
+    flash_parts = {}
+    for name, extra in STAGE1_RUNS.items():
+        per_seed = []
+        for seed in args.seeds:
+            cfg = load_config("gmm2d", base + extra + [f"seed={seed}"])
+            run_parts = trainable_copy(parts)
+            t0 = time.time()
+            curve = run_stage1(cfg, run_parts, ev, args.eval_every)
+            final = evaluate_student(run_parts.generator, run_parts, cfg, final_ev)
+            per_seed.append({"seed": seed, "curve": curve, "final": final, "seconds": time.time() - t0,
+                             "updates_to_threshold": {k: first_below(curve, v) for k, v in thresholds.items()}})
+            if name == "flash":
+                flash_parts[seed] = run_parts
+        results["stage1"][name] = {"overrides": extra, "runs": per_seed, "final": summarise([r["final"] for r in per_seed])}
+
+    for name, extra in STAGE2_RUNS.items():
+        per_seed = []
+        for seed in args.seeds:
+            cfg = load_config("gmm2d", base + extra + [f"seed={seed}"])
+            run_parts = trainable_copy(flash_parts[seed])
+            t0 = time.time()
+            curve = run_stage2(cfg, run_parts, ev, args.eval_every)
+            start = evaluate_student(flash_parts[seed].generator, run_parts, cfg, final_ev)
+            final = evaluate_student(run_parts.generator, run_parts, cfg, final_ev)
+            per_seed.append({"seed": seed, "curve": curve, "start": start, "final": final, "seconds": time.time() - t0,
+                             "reward_gain": final["reward"] - start["reward"]})
+        results["stage2"][name] = {"overrides": extra, "runs": per_seed, "final": summarise([r["final"] for r in per_seed]),
+                                   "start": summarise([r["start"] for r in per_seed]),
+                                   "reward_gain": sum(r["reward_gain"] for r in per_seed) / len(per_seed)}
+    results["seconds"] = time.time() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    print_table(results)
+    return results
+
+
+def _median(values: list[int | None]) -> str:
+    """Median with 'never' counted as infinite."""
+    ordered = sorted(values, key=lambda v: float("inf") if v is None else v)
+    mid = ordered[len(ordered) // 2]
+    return "never" if mid is None else str(mid)
+
+
+def print_table(r: dict) -> None:
+    t, u = r["teacher_50_step"]["final"], r["undistilled_4_step"]
+    factors = list(r["sw2_thresholds"])
+    print(f"\ngmm2d benchmark, {len(r['seeds'])} seeds, {r['seconds']:.0f} s. SW2 on "
+          f"{r['final_samples']} fresh samples (mean, worst seed); generator updates to reach "
+          f"{' / '.join(f + 'x' for f in factors)} the teacher's SW2 (median over seeds)")
+    head = f"{'run':<18}{'upd->thr':>18}{'SW2':>7}{'worst':>7}{'modes':>6}{'reward':>9}{'mass@m0':>8}"
+    print(head + "\n" + "-" * len(head))
+    print(f"{'teacher 50-step':<18}{'':>18}{t['sw2']:>7.3f}{'':>7}{t['modes_covered']:>6}{t['reward']:>9.1f}"
+          f"{t['reward_mode_mass']:>8.3f}")
+    print(f"{'4-step, no distill':<18}{'':>18}{u['sw2']:>7.3f}{'':>7}{u['modes_covered']:>6}{u['reward']:>9.1f}"
+          f"{u['reward_mode_mass']:>8.3f}")
+    for name, run in r["stage1"].items():
+        f = run["final"]
+        upd = " / ".join(_median([x["updates_to_threshold"][k] for x in run["runs"]]) for k in factors)
+        print(f"{'s1 ' + name:<18}{upd:>18}{f['sw2']:>7.3f}{f['sw2_max']:>7.3f}{f['modes_covered_min']:>6}"
+              f"{f['reward']:>9.1f}{f['reward_mode_mass']:>8.3f}")
+    for name, run in r["stage2"].items():
+        f = run["final"]
+        print(f"{'s2 ' + name:<18}{'reward +' + format(run['reward_gain'], '.1f'):>18}{f['sw2']:>7.3f}"
+              f"{f['sw2_max']:>7.3f}{f['modes_covered_min']:>6}{f['reward']:>9.1f}{f['reward_mode_mass']:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()
