@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from flashdmd.engine.base import Engine
 from flashdmd.engine.state_io import load_json, load_tensors, rng_state, save_json, save_tensors, set_rng_state
+from flashdmd.run import faults
 
 MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -137,6 +138,7 @@ def save_checkpoint(
         path.mkdir(parents=True)
     _barrier()
     engine.save(path)
+    faults.mid_save(step)  # test-only kill point (flashdmd/run/faults.py); a no-op otherwise
     tag = f"rank{engine.rank:05d}"
     save_tensors(path / f"{tag}.rng.safetensors", rng_state())
     save_json(path / f"{tag}.json", {"rank_state": rank_state or {}, "rng": _python_rng()})

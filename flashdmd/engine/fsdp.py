@@ -130,6 +130,9 @@ class FSDPEngine(Engine):
         params = [p for _, p in common.trainable_parameters(module)]
         norm = torch.nn.utils.clip_grad_norm_(params, self.specs[name].grad_clip)
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        if not torch.isfinite(norm):  # issue 11: skip the update; the norm is global, so on every rank
+            opt.zero_grad(set_to_none=True)
+            return {"grad_norm": float(norm), "lr": schedule.lr, "skipped": 1.0}
         lr = schedule.apply(opt.param_groups)
         opt.step()
         schedule.advance()

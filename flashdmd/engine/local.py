@@ -96,6 +96,9 @@ class LocalEngine(Engine):
         opt, spec = self.optimizers[name], self.specs[name]
         params = [p for group in opt.param_groups for p in group["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+        if not torch.isfinite(grad_norm):  # issue 11: no update from NaN/Inf gradients; the norm is
+            opt.zero_grad(set_to_none=True)  # of all-reduced gradients, so every rank skips together
+            return {"grad_norm": float(grad_norm), "lr": self.schedules[name].lr, "skipped": 1.0}
         lr = self.schedules[name].apply(opt.param_groups)
         opt.step()
         self.schedules[name].advance()
