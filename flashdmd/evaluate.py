@@ -10,13 +10,20 @@ depend only on prompt and seed (``flashdmd.sampling``), and the statistics are s
 
 ``main(cfg, "eval")`` evaluates ``eval.source`` (a run dir, its ``final/`` hand-over or a
 checkpoint step dir) and, on rank 0, writes ``results.json`` and ``results.md`` (a table shaped like
-the paper's tables: method, NFE, one column per metric) to ``<eval.out_dir>/step-<N>``
-(default ``<run>/eval/step-<N>``), and logs ``eval/<metric>`` at the training step plus the table as an
-artifact to MLflow. The MLflow run is one eval run per training run, in the training run's
-experiment, nested under it (MLflow's parent tag) and found again by the tag ``flashdmd.eval_of``,
-so the checkpoint watcher (``flashdmd.eval_watch``) adds one point per checkpoint to the same
-curves. Departure: eval metrics live in that child run rather than in the training run itself,
-so an evaluation never writes into a run whose own writer process may be logging at that moment.
+the paper's tables: method, NFE, one column per metric) to ``<eval.out_dir>/step-<N>`` (default
+``<run>/eval/step-<N>``), ``table.md`` next to those folders (one row per evaluated step), and logs
+``eval/<metric>`` at the training step and both tables as artifacts to MLflow.
+
+With ``eval.teacher_steps > 0`` the eval job adds the teacher's reference row (the paper's "SDXL
+(teacher)" row: the multi-step DDIM/Euler sampler with CFG ``eval.teacher_guidance``; NFE = steps,
+x 2 with CFG) on the same prompts and seeds, logged as ``eval_teacher/<metric>``; the watcher
+leaves it out (the teacher does not change).
+
+The MLflow run is one eval run per training run, in the training run's experiment, nested under
+it (MLflow's parent tag) and found again by the tag ``flashdmd.eval_of``, so the checkpoint watcher
+(``flashdmd.eval_watch``) adds one point per checkpoint to the same curves. Departure: eval metrics
+live in that child run rather than in the training run itself, so an evaluation never writes into
+a run whose own writer process may be logging at that moment.
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ from flashdmd.data.prompts import load_prompts
 from flashdmd.distributed import barrier, init_distributed, shutdown
 from flashdmd.eval import build_metrics, results_table
 from flashdmd.eval.table import COLUMN_ORDER
-from flashdmd.sampling import Student, StudentSource, default_source, load_student, to_uint8
+from flashdmd.sampling import Student, StudentSource, TeacherBaseline, default_source, load_student, to_uint8
 from flashdmd.tracking_writer import PARENT_TAG
 
 log = logging.getLogger("flashdmd.evaluate")
@@ -55,15 +62,20 @@ class EvalResult:
     metrics: dict[str, float]
     skipped: dict[str, str] = field(default_factory=dict)
     columns: list[str] = field(default_factory=list)  # every requested metric, skipped ones show "-"
+    baselines: list[dict[str, Any]] = field(default_factory=list)  # reference rows (the teacher), same prompts/seeds
+
+    @property
+    def row(self) -> dict[str, Any]:
+        return {"method": self.method, "nfe": self.nfe, "metrics": self.metrics}
 
     @property
     def table(self) -> str:
-        row = {"method": self.method, "nfe": self.nfe, "metrics": self.metrics}
-        return results_table([row], self.columns or None, notes=list(self.skipped.values()))
+        return results_table([*self.baselines, self.row], self.columns or None, notes=list(self.skipped.values()))
 
     def to_json(self) -> dict[str, Any]:
         return {"step": self.step, "method": self.method, "nfe": self.nfe, "num_images": self.num_images,
-                "prompts": self.prompts, "metrics": self.metrics, "skipped": self.skipped, "table": self.table}
+                "prompts": self.prompts, "metrics": self.metrics, "skipped": self.skipped, "columns": self.columns,
+                "baselines": self.baselines, "table": self.table}
 
 
 def prompt_set(cfg: Config) -> list[str]:
@@ -84,12 +96,17 @@ def method_name(cfg: Config, student: Student) -> str:
     return cfg.eval.method or f"Flash-DMD {student.family} (step {student.source.step})"
 
 
+def metric_columns(cfg: Config) -> list[str]:
+    """Every requested metric, in the paper's column order."""
+    return [m for m in COLUMN_ORDER if m in cfg.eval.metrics] + [m for m in cfg.eval.metrics if m not in COLUMN_ORDER]
+
+
 @torch.no_grad()
-def run_eval(cfg: Config, student: Student, rank: int = 0, world_size: int = 1,
-             image_dir: Path | None = None) -> EvalResult:
-    """Collective over the process group (if any): this rank's images -> metrics summed over ranks."""
+def measure(cfg: Config, model: Student | TeacherBaseline, device: torch.device, rank: int = 0, world_size: int = 1,
+            image_dir: Path | None = None) -> tuple[dict[str, float], dict[str, str]]:
+    """Collective over the process group (if any): this rank's images -> (metrics summed over ranks, skips)."""
     prompts = prompt_set(cfg)
-    metrics, skipped = build_metrics(cfg.eval, student.device)
+    metrics, skipped = build_metrics(cfg.eval, device)
     for message in skipped.values():
         if rank == 0:
             log.warning(message)
@@ -97,7 +114,7 @@ def run_eval(cfg: Config, student: Student, rank: int = 0, world_size: int = 1,
     for start in range(0, len(mine), cfg.eval.batch_size):
         idx = mine[start:start + cfg.eval.batch_size]
         batch_prompts = [prompts[i] for i in idx]
-        images = student.generate(batch_prompts, [cfg.eval.seed + i for i in idx])
+        images = model.generate(batch_prompts, [cfg.eval.seed + i for i in idx])
         for metric in metrics.values():
             metric.update(images, batch_prompts)
         if image_dir is not None:
@@ -108,9 +125,24 @@ def run_eval(cfg: Config, student: Student, rank: int = 0, world_size: int = 1,
     for name, metric in metrics.items():
         metric.all_reduce()
         values[name] = metric.compute()
-    columns = [m for m in COLUMN_ORDER if m in cfg.eval.metrics] + [m for m in cfg.eval.metrics if m not in COLUMN_ORDER]
-    return EvalResult(student.source.step, method_name(cfg, student), student.nfe, len(prompts), cfg.eval.prompts,
-                      values, skipped, columns)
+    return values, skipped
+
+
+def run_eval(cfg: Config, student: Student, rank: int = 0, world_size: int = 1,
+             image_dir: Path | None = None) -> EvalResult:
+    """The student's row: collective over the process group (if any)."""
+    values, skipped = measure(cfg, student, student.device, rank, world_size, image_dir)
+    return EvalResult(student.source.step, method_name(cfg, student), student.nfe, len(prompt_set(cfg)),
+                      cfg.eval.prompts, values, skipped, metric_columns(cfg))
+
+
+def teacher_row(cfg: Config, student: Student, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """The teacher's reference row: ``eval.teacher_steps`` steps with CFG ``eval.teacher_guidance``."""
+    guidance = cfg.eval.teacher_guidance or cfg.stage1.real_guidance_scale
+    teacher = TeacherBaseline(student, cfg.eval.teacher_steps, guidance)
+    values, _ = measure(cfg, teacher, student.device, rank, world_size)
+    return {"method": f"{student.family} teacher ({teacher.steps} steps, CFG {guidance:g})", "nfe": teacher.nfe,
+            "metrics": values}
 
 
 def eval_root(cfg: Config, run_dir: Path) -> Path:
@@ -147,8 +179,9 @@ def eval_run_id(cfg: Config, source: StudentSource) -> str:
     return run.info.run_id
 
 
-def log_to_mlflow(cfg: Config, source: StudentSource, result: EvalResult, table_path: Path) -> str:
-    """``eval/<metric>`` at the training step and the table as an artifact; returns the MLflow run id."""
+def log_to_mlflow(cfg: Config, source: StudentSource, result: EvalResult, table_path: Path, run_table_path: Path) -> str:
+    """``eval/<metric>`` (and ``eval_teacher/<metric>``) at the training step, this step's table and the
+    run's table over all steps as artifacts; returns the MLflow run id."""
     import mlflow
     from mlflow.entities import Metric
 
@@ -156,18 +189,33 @@ def log_to_mlflow(cfg: Config, source: StudentSource, result: EvalResult, table_
     client = mlflow.MlflowClient(cfg.tracking_uri)
     now = int(time.time() * 1000)
     points = [Metric(f"eval/{name}", value, now, result.step) for name, value in result.metrics.items()]
+    for row in result.baselines:
+        points += [Metric(f"eval_teacher/{name}", value, now, result.step) for name, value in row["metrics"].items()]
     client.log_batch(run_id, metrics=points)
     client.log_artifact(run_id, str(table_path), artifact_path=f"step-{result.step:08d}")
+    client.log_artifact(run_id, str(run_table_path))
     return run_id
 
 
+def run_table(root: Path) -> str:
+    """One row per evaluated step under ``root`` (oldest first), after the newest baselines (teacher row)."""
+    results = [json.loads(p.read_text()) for p in sorted(root.glob(f"step-*/{RESULTS_JSON}"))]
+    if not results:
+        return ""
+    baselines = next((r["baselines"] for r in reversed(results) if r.get("baselines")), [])
+    rows = [*baselines, *({"method": r["method"], "nfe": r["nfe"], "metrics": r["metrics"]} for r in results)]
+    return results_table(rows, results[-1].get("columns") or None)
+
+
 def write_results(cfg: Config, source: StudentSource, result: EvalResult) -> Path:
-    """results.json and results.md under the output folder, then MLflow; returns the folder."""
+    """``step-<N>/results.{json,md}``, the run's ``table.md`` over all steps, then MLflow; returns the step folder."""
     out = out_dir_for(cfg, source)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(result.table)
     data = result.to_json() | {"source": str(source.folder)}
-    data["mlflow_run_id"] = log_to_mlflow(cfg, source, result, out / "results.md")
+    (out / RESULTS_JSON).write_text(json.dumps(data, indent=1))
+    (out.parent / "table.md").write_text(run_table(out.parent))
+    data["mlflow_run_id"] = log_to_mlflow(cfg, source, result, out / "results.md", out.parent / "table.md")
     (out / RESULTS_JSON).write_text(json.dumps(data, indent=1))
     return out
 
@@ -179,10 +227,12 @@ def load_student_ranked(cfg: Config, source: str | Path, rank: int, device: torc
     return student if student is not None else load_student(cfg, source, device)
 
 
-def evaluate_source(cfg: Config, student: Student, rank: int, world_size: int) -> EvalResult:
-    """Evaluate the student's current weights; rank 0 writes the results."""
+def evaluate_source(cfg: Config, student: Student, rank: int, world_size: int, teacher: bool = False) -> EvalResult:
+    """Evaluate the student's current weights (and with ``teacher`` the teacher's row); rank 0 writes the results."""
     image_dir = out_dir_for(cfg, student.source) / "images" if cfg.eval.save_images else None
     result = run_eval(cfg, student, rank, world_size, image_dir)
+    if teacher and cfg.eval.teacher_steps:
+        result.baselines.append(teacher_row(cfg, student, rank, world_size))
     if rank == 0:
         out = write_results(cfg, student.source, result)
         log.info("step %d: %s -> %s", result.step, result.metrics, out)
@@ -194,7 +244,7 @@ def main(cfg: Config, job: str = "eval") -> EvalResult:
     ctx = init_distributed(cfg)
     try:
         student = load_student_ranked(cfg, cfg.eval.source or default_source(cfg, job), ctx.rank, ctx.device)
-        result = evaluate_source(cfg, student, ctx.rank, ctx.world_size)
+        result = evaluate_source(cfg, student, ctx.rank, ctx.world_size, teacher=True)
         barrier()  # rank 0's files and MLflow points exist when any rank returns
         return result
     finally:

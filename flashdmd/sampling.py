@@ -41,6 +41,7 @@ from flashdmd.checkpoint import is_valid, latest_valid
 from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, default_run_name, load_config
 from flashdmd.data.prompts import load_prompts
 from flashdmd.diffusion.rollout import predict_x0, randn, timesteps_tensor
+from flashdmd.diffusion.sampler import sample_teacher
 from flashdmd.distributed import init_distributed, shutdown
 from flashdmd.engine.state_io import load_json
 from flashdmd.nets.parts import Parts
@@ -141,6 +142,7 @@ class Student:
         self.decoder = parts.decoder.to(device).eval()
         self.text = parts.extras["text_encoder"].to(device)
         self.extras = parts.extras
+        self.teacher = parts.teacher  # kept on the CPU for the eval table's reference row (TeacherBaseline)
 
     def load(self, source: StudentSource, cfg: Config) -> None:
         """Switch to the weights of another hand-over or checkpoint of the same run (the watcher's reuse)."""
@@ -172,6 +174,28 @@ class Student:
     def generate(self, prompts: list[str], seeds: Sequence[int]) -> Tensor:
         """Images [N, 3, H, W] in [-1, 1] (clamped), on the CPU."""
         return self.decoder(self.latents(prompts, seeds)).clamp(-1, 1).float().cpu()
+
+
+class TeacherBaseline:
+    """The frozen teacher as the results table's reference row (spec 5, "SDXL (teacher)"): the
+    deterministic multi-step DDIM/Euler sampler with CFG of ``flashdmd.diffusion.sampler``, from the
+    same per-seed initial noise as the student."""
+
+    def __init__(self, student: Student, steps: int, guidance: float) -> None:
+        self.student, self.steps, self.guidance = student, steps, guidance
+
+    @property
+    def nfe(self) -> int:
+        return self.steps * (1 if self.guidance == 1.0 else 2)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: Sequence[int]) -> Tensor:
+        s = self.student
+        teacher = s.teacher.to(s.device)
+        z = torch.cat([randn((1, *s.latent_shape), torch.Generator("cpu").manual_seed(int(x))) for x in seeds])
+        x0 = sample_teacher(teacher, s.schedule, z.to(s.device), self.steps, s.text(list(prompts)),
+                            s.text.null(len(prompts)), self.guidance)
+        return s.decoder(x0).clamp(-1, 1).float().cpu()
 
 
 def load_generator_weights(generator: torch.nn.Module, source: StudentSource) -> None:

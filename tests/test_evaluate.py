@@ -16,10 +16,13 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from student_world import PROMPTS, tiny_clip, tiny_image_reward, trained_run  # noqa: F401  (fixture)
 
-from flashdmd.config import REPO_ROOT, Config
+from flashdmd.config import REPO_ROOT, Config, EvalConfig
+from flashdmd.diffusion.rollout import randn
+from flashdmd.diffusion.sampler import sample_teacher
 from flashdmd.eval import build_metrics
 from flashdmd.eval_watch import main as watch_main
 from flashdmd.evaluate import EVAL_OF_TAG, main, prompt_set, shard
@@ -65,6 +68,7 @@ def test_eval_job_matches_a_direct_computation_and_logs_to_mlflow(eval_cfg, tmp_
     cfg = copy.deepcopy(eval_cfg)
     cfg.eval.out_dir = str(tmp_path / "one")
     cfg.tracking.experiment = "eval-job-test"  # its own eval run: no points from the other tests
+    cfg.eval.teacher_steps, cfg.eval.teacher_guidance = 2, 3.0
     result = main(cfg, "eval")
     assert set(result.metrics) == {"clip_score", "pickscore", "hpsv2", "image_reward", "fid"}
     assert set(result.skipped) == {"mps"} and "MPS" in result.skipped["mps"]
@@ -77,12 +81,25 @@ def test_eval_job_matches_a_direct_computation_and_logs_to_mlflow(eval_cfg, tmp_
         metric.update(images, prompt_set(cfg))
         assert result.metrics[name] == pytest.approx(metric.compute(), rel=1e-4, abs=1e-6), name
 
+    # the teacher's row: 2 DDIM steps with CFG 3 from the same per-seed noise (NFE 4)
+    (teacher,) = result.baselines
+    assert teacher["method"] == "tiny-sdxl teacher (2 steps, CFG 3)" and teacher["nfe"] == 4
+    prompts = prompt_set(cfg)
+    z = torch.cat([randn((1, *student.latent_shape), torch.Generator().manual_seed(cfg.eval.seed + i)) for i in range(7)])
+    x0 = sample_teacher(student.teacher, student.schedule, z, 2, student.text(prompts), student.text.null(7), 3.0)
+    clip, _ = build_metrics(EvalConfig(metrics=["clip_score"], weights=cfg.eval.weights))
+    clip["clip_score"].update(student.decoder(x0).clamp(-1, 1), prompts)
+    assert teacher["metrics"]["clip_score"] == pytest.approx(clip["clip_score"].compute(), rel=1e-4)
+    assert teacher["metrics"]["clip_score"] != pytest.approx(result.metrics["clip_score"])
+
     out = tmp_path / "one" / "step-00000002"
     saved = json.loads((out / "results.json").read_text())
     assert saved["metrics"] == result.metrics and saved["num_images"] == 7 and saved["nfe"] == 4
     table = (out / "results.md").read_text().splitlines()
     assert table[0] == "| Method | NFE | CLIP | ImgRwd | Pick | HPSv2 | MPS | FD-CLIP |"
-    assert table[2].startswith("| Flash-DMD tiny-sdxl (step 2) | 4 | ") and "| - |" in table[2]
+    assert table[2].startswith("| tiny-sdxl teacher (2 steps, CFG 3) | 4 | ")
+    assert table[3].startswith("| Flash-DMD tiny-sdxl (step 2) | 4 | ") and "| - |" in table[3]
+    assert (tmp_path / "one" / "table.md").read_text().splitlines()[:4] == table[:4]
 
     # MLflow: eval/<metric> at the training step, in an eval run nested under the training run
     client = mlflow.MlflowClient(cfg.tracking_uri)
@@ -90,8 +107,10 @@ def test_eval_job_matches_a_direct_computation_and_logs_to_mlflow(eval_cfg, tmp_
     training_run_id = json.loads((cfg.run_dir / "final" / "handoff.json").read_text())["mlflow_run_id"]
     assert run.data.tags[EVAL_OF_TAG] == training_run_id and run.data.tags["mlflow.parentRunId"] == training_run_id
     assert mlflow_points(cfg, run.info.run_id, "eval/clip_score")[2] == pytest.approx(result.metrics["clip_score"])
+    assert mlflow_points(cfg, run.info.run_id, "eval_teacher/clip_score")[2] == pytest.approx(teacher["metrics"]["clip_score"])
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "step-00000002")]
     assert artifacts == ["step-00000002/results.md"]
+    assert "table.md" in [a.path for a in client.list_artifacts(run.info.run_id)]
 
 
 def _free_port() -> int:
@@ -155,6 +174,8 @@ def test_watcher_evaluates_each_checkpoint_once(eval_cfg, tmp_path):
     assert [r.step for r in results] == [2]
     assert watch_main(cfg, "watch") == []  # restarted: nothing left
 
+    table = (live / "eval" / "table.md").read_text().splitlines()  # one row per evaluated step
+    assert table[2].startswith("| Flash-DMD tiny-sdxl (step 1) | 4 |") and table[3].startswith("| Flash-DMD tiny-sdxl (step 2)")
     saved = json.loads((live / "eval" / "step-00000002" / "results.json").read_text())
     points = mlflow_points(cfg, saved["mlflow_run_id"], "eval/clip_score")
     assert sorted(points) == [1, 2] and points[2] == pytest.approx(results[0].metrics["clip_score"])
