@@ -28,16 +28,16 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from flashdmd.algo.batch import Batch  # noqa: E402
-from flashdmd.algo.stage1 import Stage1, stage1_optim_specs  # noqa: E402
-from flashdmd.algo.stage2 import Stage2, stage2_optim_specs  # noqa: E402
-from flashdmd.config import Config, load_config  # noqa: E402
-from flashdmd.diffusion.rollout import sample_student, timesteps_tensor  # noqa: E402
-from flashdmd.diffusion.sampler import sample_teacher  # noqa: E402
-from flashdmd.engine.local import LocalEngine  # noqa: E402
-from flashdmd.metrics.gmm import mode_mass, modes_covered, sliced_w2  # noqa: E402
-from flashdmd.nets.gmm2d import GMM, build_gmm_parts  # noqa: E402
-from flashdmd.nets.parts import Parts  # noqa: E402
+from flashdmd.algo.batch import Batch
+from flashdmd.algo.stage1 import Stage1, stage1_optim_specs
+from flashdmd.algo.stage2 import Stage2, stage2_optim_specs
+from flashdmd.config import Config, load_config
+from flashdmd.diffusion.rollout import sample_student, timesteps_tensor
+from flashdmd.diffusion.sampler import sample_teacher
+from flashdmd.engine.local import LocalEngine
+from flashdmd.metrics.gmm import mode_mass, modes_covered, sliced_w2
+from flashdmd.nets.gmm2d import GMM, build_gmm_parts
+from flashdmd.nets.parts import Parts
 
 RESULTS = REPO / "bench" / "results" / "gmm_distill.json"
 DMD2_OVERRIDES = ["stage1.mode=dmd2", "stage1.ttur=5", "stage1.fake_ema=false"]

@@ -40,8 +40,8 @@ from flashdmd.nets.parts import Parts
 
 def stage1_optim_specs(cfg: Stage1Config) -> dict[str, OptimSpec]:
     """AdamW settings of the three trainable networks (spec 1.6 [INF]: DMD2's optimiser)."""
-    common = dict(betas=(cfg.adam_betas[0], cfg.adam_betas[1]), weight_decay=cfg.weight_decay,
-                  warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule, grad_clip=cfg.grad_clip)
+    common = {"betas": (cfg.adam_betas[0], cfg.adam_betas[1]), "weight_decay": cfg.weight_decay,
+              "warmup_steps": cfg.warmup_steps, "schedule": cfg.lr_schedule, "grad_clip": cfg.grad_clip}
     return {
         "generator": OptimSpec(lr=cfg.generator_lr, total_steps=max(1, cfg.iterations // cfg.ttur), **common),
         "fake_score": OptimSpec(lr=cfg.fake_lr, total_steps=cfg.iterations, **common),

@@ -1,4 +1,4 @@
 """Diffusion math: schedules, conversions, student rollout and teacher sampler (pure functions)."""
 from flashdmd.diffusion.schedules import FlowSchedule, Schedule, VPSchedule
 
-__all__ = ["Schedule", "VPSchedule", "FlowSchedule"]
+__all__ = ["FlowSchedule", "Schedule", "VPSchedule"]

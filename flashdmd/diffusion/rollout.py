@@ -11,7 +11,7 @@ state these return. Noise comes from an injected ``torch.Generator`` so runs are
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,19 +29,19 @@ def randn(shape: Sequence[int], generator: torch.Generator | None, like: Tensor 
     return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(target)
 
 
-def timesteps_tensor(t: int | float, n: int, device: torch.device | str) -> Tensor:
+def timesteps_tensor(t: float, n: int, device: torch.device | str) -> Tensor:
     """One timestep for n samples, as the 1-D tensor every denoiser and schedule expects."""
     dtype = torch.long if isinstance(t, int) else torch.float32
     return torch.full((n,), t, dtype=dtype, device=device)
 
 
-def predict_x0(model: nn.Module, schedule: Schedule, x_t: Tensor, t: int | float, cond: Conditioning) -> Tensor:
+def predict_x0(model: nn.Module, schedule: Schedule, x_t: Tensor, t: float, cond: Conditioning) -> Tensor:
     """x0 estimate of a denoiser at one shared timestep (converted from its native prediction)."""
     tt = timesteps_tensor(t, x_t.shape[0], x_t.device)
     return schedule.to_x0(model(x_t, tt, cond), x_t, tt)
 
 
-def renoise(schedule: Schedule, x0: Tensor, t: int | float, generator: torch.Generator | None) -> Tensor:
+def renoise(schedule: Schedule, x0: Tensor, t: float, generator: torch.Generator | None) -> Tensor:
     """Forward diffusion of x0 to timestep t with fresh noise (the LCM transition)."""
     tt = timesteps_tensor(t, x0.shape[0], x0.device)
     return schedule.add_noise(x0, randn(x0.shape, generator, like=x0), tt)

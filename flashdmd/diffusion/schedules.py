@@ -96,7 +96,7 @@ class Schedule:
         T = self.num_train_timesteps
         gdev = generator.device if generator is not None else "cpu"
         if self.kind == "vp":
-            low, high = int(round(lo * T)), min(int(round(hi * T)), T - 1)
+            low, high = round(lo * T), min(round(hi * T), T - 1)
             return torch.randint(low, max(high, low) + 1, (n,), generator=generator, device=gdev).to(device)
         u = torch.rand(n, generator=generator, dtype=torch.float64, device=gdev)
         return ((lo + (hi - lo) * u) * T).to(torch.float32).to(device)

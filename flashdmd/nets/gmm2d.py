@@ -46,7 +46,7 @@ class GMM:
         self.std = float(std)
 
     @classmethod
-    def from_config(cls, g: GMMConfig) -> "GMM":
+    def from_config(cls, g: GMMConfig) -> GMM:
         if g.means:
             means = torch.tensor(g.means, dtype=torch.float32)
         else:
