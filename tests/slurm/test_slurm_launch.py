@@ -73,6 +73,9 @@ def test_scontrol_requeue_saves_on_sigterm_and_slurm_resumes_the_run(slurm_clust
     stop, resume = (next(e for e in log if e["event"] == k) for k in ("stop", "resume"))
     assert stop["signal"] == "SIGTERM" and resume["step"] == stop["step"] and resume["restart"] == 1
     assert {r["run_id"] for r in results} == {log[0]["run_id"]} and {r["restarts"] for r in results} == {1}
+    # two ranks on the two emulated nodes; rank 0's node n1 reached through its NodeAddr, not its name
+    assert sorted(r["rank"] for r in results) == [0, 1] and {r["world"] for r in results} == {2}
+    assert {r["launcher"] for r in results} == {"slurm"} and {r["master"] for r in results} == {"127.0.0.1"}
     saved = sub.cfg.checkpoint_dir / f"step_{stop['step']:08d}"
     assert sorted(p.name for p in saved.iterdir()) == ["COMPLETE", "rank0.json", "rank1.json"]
     assert [e["step"] for e in log if e["event"] == "step"] == list(range(20))  # every step exactly once
