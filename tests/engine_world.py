@@ -207,6 +207,14 @@ def make_engine(kind: str) -> Engine:
         from flashdmd.engine.deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(teacher_sharding="zero3")
+    if kind == "deepspeed-offload":  # DeepSpeed's CPU AdamW (g++-compiled once) and parameter offload
+        from flashdmd.engine.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(offload_optimizer=True, offload_params=True)
+    if kind == "fsdp-offload":
+        from flashdmd.engine.fsdp import FSDPEngine
+
+        return FSDPEngine(offload=True)
     raise ValueError(kind)
 
 
@@ -229,7 +237,7 @@ def train_run(kind: str, n: int, save_at: int = 0, ckpt_dir: str = "") -> dict[s
             save_checkpoint(engine, ckpt_dir, save_at, trainer={"mlflow_run_id": "run-1"},
                             rank_state={"position": 10 * save_at + engine.rank}, keep_last=2)
     out = _record(engine, losses, 0)
-    if kind == "deepspeed":
+    if kind.startswith("deepspeed"):
         out.update(_deepspeed_checks(engine, Path(ckpt_dir or "/tmp") / f"ds-native-{os.getppid()}"))
     return out
 

@@ -19,6 +19,9 @@ process group (issue 6, item 2; anchors_jobsystem.md 1.4-1.5).
   is not used because it pickles. Loading needs the same world size (no universal format).
 - Full weights (export): fp32 masters all-gathered tensor by tensor, the same numbers
   DeepSpeed's zero_to_fp32 consolidation produces.
+
+Not covered: fp16 loss-scaler state is not checkpointed (bf16 and fp32 need none), NVMe
+offload, and resuming at another world size (DeepSpeed's universal checkpoints pickle).
 """
 from __future__ import annotations
 
@@ -27,18 +30,14 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-os.environ.setdefault("DS_ACCELERATOR", "cuda" if __import__("torch").cuda.is_available() else "cpu")
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
 
-import deepspeed  # noqa: E402  (the accelerator must be chosen before the import)
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_local_fp32_param  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from flashdmd.engine import common  # noqa: E402
-from flashdmd.engine.base import Engine, OptimSpec  # noqa: E402
-from flashdmd.engine.lr import StepSchedule  # noqa: E402
-from flashdmd.engine.state_io import (  # noqa: E402
+from flashdmd.engine import common
+from flashdmd.engine.base import Engine, OptimSpec
+from flashdmd.engine.lr import StepSchedule
+from flashdmd.engine.state_io import (
     join_optimizer_state,
     load_json,
     load_tensors,
@@ -46,6 +45,11 @@ from flashdmd.engine.state_io import (  # noqa: E402
     save_tensors,
     split_optimizer_state,
 )
+
+# DeepSpeed picks its accelerator when imported; say which one instead of letting it probe.
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+import deepspeed  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_local_fp32_param  # noqa: E402
 
 SHARDED_FROZEN = ("teacher", "reference")
 
