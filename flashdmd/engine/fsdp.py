@@ -67,7 +67,7 @@ class FSDPEngine(Engine):
         # fp32 master weights always; on CPU compute stays fp32 (issue 6, item 1: precision policy).
         compute = _DTYPES[precision] if self.device.type == "cuda" else torch.float32
         self.mp_policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-        self.offload_policy = CPUOffloadPolicy() if offload else None
+        self.offload_policy = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if offload else None
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))  # one mesh: identical sharding per shape
         self.gradient_checkpointing = gradient_checkpointing
         self.teacher_sharding = teacher_sharding
