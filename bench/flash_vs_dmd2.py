@@ -1,0 +1,117 @@
+"""Benchmark: iteration time and peak memory of Flash-DMD against the DMD2 baseline mode at equal
+batch (issue 10, item 2). The paper reports 6.42 s vs 5.97 s per iteration (ratio 1.075) on
+SDXL; goal: ratio <= 1.075.
+
+Both modes run the real ``Stage1`` on tiny-sdxl with the local engine, each on its own copy of
+the networks, same batch, same TTUR (the preset's) and seed; only ``stage1.mode`` differs. Time:
+one process, iterations alternating between the modes. Each mode draws its student step per
+iteration (DMD2 from all four steps, Flash-DMD's DM branch from the three noisy ones plus a GAN
+branch), so per-iteration work varies by design: the figure is the ratio of mean iteration
+times (medians are reported too). Peak memory: with CUDA, ``max_memory_allocated`` per mode in
+the same process; on CPU, the peak resident set of one child process per mode running the same
+iterations (a process's peak cannot be split by mode), reported as the peak above the resident
+set after setup (networks and text encoders loaded, before the first step).
+
+    python bench/flash_vs_dmd2.py [--iters 24] [--warmup 2] [--batch 2]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from _common import fixed_batch, interleaved, summary, tiny_config, write_result
+
+GOAL, PAPER = 1.075, {"flash_s": 6.42, "dmd2_s": 5.97}
+# variant -> overrides; "flash" is the preset's Flash-DMD (GAN input rolled out to x_0), the
+# goal's numerator; "flash_rollout_state" takes the GAN input from the rollout's own state
+# (stage1.gan_input=rollout_state, spec 1.4 step 4), which skips the extra rollout
+MODES = {"flash": ["stage1.mode=flash"], "flash_rollout_state": ["stage1.mode=flash", "stage1.gan_input=rollout_state"],
+         "dmd2": ["stage1.mode=dmd2"]}
+
+
+def build(mode: str, batch_size: int, device: torch.device) -> tuple[Any, Any]:
+    """(Stage1 of variant ``mode`` on its own networks and local engine, the fixed batch)."""
+    from flashdmd.algo.stage1 import Stage1
+    from flashdmd.engine.factory import optim_specs
+    from flashdmd.engine.local import LocalEngine
+    from flashdmd.nets.registry import build_parts
+
+    cfg = tiny_config([*MODES[mode], f"data.batch_size={batch_size}", "engine.kind=local"])
+    torch.manual_seed(cfg.seed)
+    parts = build_parts(cfg, Path(cfg.model.cache_dir))
+    engine = LocalEngine(device)
+    engine.setup(parts.trainable(), optim_specs(cfg), parts.frozen())
+    return Stage1(cfg.stage1, parts, engine, cfg.seed), fixed_batch(parts, batch_size, cfg.data.resolution, device)
+
+
+def cpu_peaks(runs: dict[str, tuple[Any, Any]], first_step: int, iters: int) -> dict[str, dict[str, int]]:
+    """Peak live bytes allocated inside one iteration, max over ``iters`` iterations per mode."""
+    from _memory import PeakLiveBytes
+
+    peaks = {}
+    for mode, (algo, batch) in runs.items():
+        peak = 0
+        for step in range(first_step, first_step + iters):
+            with PeakLiveBytes() as probe:
+                algo.step(step, batch)
+            peak = max(peak, probe.peak)
+        peaks[mode] = {"peak_live_bytes": peak}
+    return peaks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=24)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--memory-iters", type=int, default=8, help="untimed iterations per mode for CPU peaks")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runs = {mode: build(mode, args.batch, device) for mode in MODES}
+    peaks: dict[str, dict[str, int]] = {}
+
+    def workload(mode: str):
+        algo, batch = runs[mode]
+
+        def run(step: int) -> None:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            algo.step(step, batch)
+            if device.type == "cuda":
+                peak = peaks.setdefault(mode, {"peak_allocated": 0})
+                peak["peak_allocated"] = max(peak["peak_allocated"], torch.cuda.max_memory_allocated(device))
+        return run
+
+    times = interleaved({mode: workload(mode) for mode in MODES}, args.iters, args.warmup, device)
+    if device.type != "cuda":
+        peaks = cpu_peaks(runs, args.warmup + args.iters, args.memory_iters)
+    stats = {mode: summary(times[mode]) for mode in MODES}
+    ratio = stats["flash"]["mean_s"] / stats["dmd2"]["mean_s"]
+    ratio_median = stats["flash"]["median_s"] / stats["dmd2"]["median_s"]
+    key = "peak_allocated" if device.type == "cuda" else "peak_live_bytes"
+    mem_ratio = peaks["flash"][key] / peaks["dmd2"][key]
+    rows = ["| mode | mean s/it | median s/it | min s/it | peak memory MiB |", "|---|---|---|---|---|"]
+    for mode in MODES:
+        s = stats[mode]
+        rows.append(f"| {mode} | {s['mean_s']:.4f} | {s['median_s']:.4f} | {s['min_s']:.4f} | "
+                    f"{peaks[mode][key] / 2**20:.1f} |")
+    what = "max_memory_allocated" if device.type == "cuda" else "peak live bytes allocated within an iteration"
+    alt = stats["flash_rollout_state"]["mean_s"] / stats["dmd2"]["mean_s"]
+    rows += [f"\nflash / dmd2 iteration time: {ratio:.3f} (means), {ratio_median:.3f} (medians); paper "
+             f"{PAPER['flash_s'] / PAPER['dmd2_s']:.3f}; goal <= {GOAL} -> {'met' if ratio <= GOAL else 'NOT met'}",
+             f"flash_rollout_state / dmd2 iteration time: {alt:.3f} (means)",
+             f"flash / dmd2 peak memory ({what}): {mem_ratio:.3f}"]
+    write_result("flash_vs_dmd2", {
+        "preset": "tiny-sdxl", "batch": args.batch, "iters": args.iters, "warmup": args.warmup, "stats": stats,
+        "ratio_mean": ratio, "ratio_median": ratio_median, "ratio_rollout_state_mean": alt, "peaks": peaks, "memory_ratio": mem_ratio,
+        "memory_measure": what, "goal": GOAL, "goal_met": ratio <= GOAL, "paper": PAPER, "times": times,
+        "spread": {m: statistics.pstdev(times[m]) for m in MODES}, "variants": MODES,
+    }, "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
