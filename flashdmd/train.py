@@ -32,7 +32,12 @@ from flashdmd.engine.factory import build_engine, optim_specs
 from flashdmd.nets.parts import Parts
 from flashdmd.nets.registry import build_parts
 from flashdmd.preemption import Preemption
+from flashdmd.engine.state_io import load_json
 from flashdmd.run.batches import build_batches
+from flashdmd.run.compat import check_resume, checkpoint_identity
+from flashdmd.run.faults import Faults, activate
+from flashdmd.run.guard import ROLLBACK, StepGuard
+from flashdmd.run.health import HealthMonitor
 from flashdmd.run.handoff import Handoff, apply_handoff, read_handoff, write_handoff
 from flashdmd.run.monitor import build_monitor
 from flashdmd.tracking import NullTracker, open_tracker
@@ -89,13 +94,23 @@ class Trainer:
         self.engine.setup(self.parts.trainable(), optim_specs(cfg, self.stage), frozen)
         stage1 = Stage1(cfg.stage1, self.parts, self.engine, cfg.seed)
         self.algo = stage1 if self.stage == 1 else Stage2(cfg, self.parts, self.engine, cfg.seed, stage1)
+        # issue 11: non-finite steps, health monitors, and test-only faults (FLASHDMD_FAULTS)
+        self.guard = StepGuard(cfg.health, self.engine)
+        self.health = HealthMonitor(cfg, self.parts, self.stage, lambda s: stage1.steps[stage1.plan(s).dm_index],
+                                    self.ctx.rank) if cfg.health.monitors else None
+        self.faults = Faults.from_env({**self.parts.trainable(), **frozen}, self.ctx.rank)
+        activate(self.faults)
 
     # -- resume ---------------------------------------------------------------------------------
     def _resume(self) -> tuple[int, str | None, dict[str, Any] | None]:
         path = latest_valid(self.cfg.checkpoint_dir)
         if path is None:
             return 0, None, None
+        check_resume(load_json(path / "trainer.json"), self.cfg, self.job, path)
         resumed = load_checkpoint(self.engine, path)
+        self.guard.load_state_dict(resumed.trainer.get("guard", {}))
+        if self.health is not None:
+            self.health.load_state_dict(resumed.trainer.get("health", {}))
         if self.ctx.is_main:
             log.info("resuming from %s (step %d)", path, resumed.step)
         return resumed.step, resumed.trainer.get("mlflow_run_id"), resumed.rank_state.get("data")
@@ -123,11 +138,22 @@ class Trainer:
             while step < self.iterations:
                 started = time.perf_counter()
                 batch = batches.next_batch(step)
+                self.faults.begin(step + 1)
                 metrics = self.algo.step(step, batch)
+                self.faults.end()
+                if self.guard.check(step + 1, metrics) == ROLLBACK:
+                    step, batches = self._rollback(step + 1)
+                    continue
+                if self.health is not None:
+                    self.health.observe(step, metrics)
                 step += 1
                 if step % cfg.tracking.log_every == 0 or step == self.iterations:
                     elapsed = time.perf_counter() - started
-                    tracker.log_metrics(self._run_metrics(metrics, elapsed, batch.size, batches.bad_counts()), step)
+                    logged = self._run_metrics(metrics, elapsed, batch.size, batches.bad_counts())
+                    logged.update(self.guard.metrics())
+                    if self.health is not None:
+                        logged.update(self.health.measure(self.engine, batch, step, metrics))
+                    tracker.log_metrics(logged, step)
                 if cfg.tracking.sample_every and step % cfg.tracking.sample_every == 0:
                     monitor(self.engine, tracker, step)
                 stop = preemption.should_stop(step)
@@ -154,10 +180,23 @@ class Trainer:
         out.update({f"data/bad_{reason}": float(n) for reason, n in bad.items()})
         return out
 
+    def _rollback(self, at_step: int) -> tuple[int, Any]:
+        """Too many non-finite steps in a row: back to the newest valid checkpoint, lower rates."""
+        path = latest_valid(self.cfg.checkpoint_dir)
+        if path is None:
+            raise self.guard.no_checkpoint(at_step)
+        resumed = load_checkpoint(self.engine, path)
+        self.guard.rolled_back(resumed.step)
+        batches = build_batches(self.cfg, self.parts, self.ctx.rank, self.ctx.world_size, self.ctx.device,
+                                resumed.rank_state.get("data"))
+        return resumed.step, batches
+
     def _save(self, step: int, tracker: NullTracker, data_state: dict[str, Any]) -> None:
+        health = self.health.state_dict() if self.health is not None else {}
         path = save_checkpoint(
             self.engine, self.cfg.checkpoint_dir, step,
-            trainer={"mlflow_run_id": tracker.run_id, "job": self.job, "family": self.cfg.model.family},
+            trainer={"mlflow_run_id": tracker.run_id, **checkpoint_identity(self.cfg, self.job),
+                     "guard": self.guard.state_dict(), "health": health},
             rank_state={"data": data_state}, keep_last=self.cfg.checkpoint.keep_last,
         )
         tracker.log_checkpoint(path, step)

@@ -63,6 +63,15 @@ def no_grad_collection(modules: Iterable[nn.Module]) -> Iterator[None]:
             p.grad = grad
 
 
+def finite_everywhere(*values: Tensor) -> bool:
+    """True when every value is finite on every rank: one MIN all-reduce of a flag, so all ranks
+    take the same decision about skipping an update (issue 11)."""
+    ok = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all().float().reshape(1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() > 0)
+
+
 def all_reduce_mean(value: Tensor, device: torch.device) -> Tensor:
     """Mean over all ranks (identity without a process group); returns a new tensor."""
     out = value.detach().to(device=device, dtype=torch.float32, copy=True)

@@ -75,6 +75,7 @@ class FSDPEngine(Engine):
         self.frozen_nets: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedules: dict[str, StepSchedule] = {}
+        self.losses: dict[str, list[Tensor]] = {}  # this step's losses per network, for the finite check
         self.specs: dict[str, OptimSpec] = {}
 
     # ---------------------------------------------------------------- placement
@@ -123,6 +124,7 @@ class FSDPEngine(Engine):
     # ---------------------------------------------------------------- training
     def backward(self, name: str, loss: Tensor) -> None:
         self._trainable(name)
+        self.losses.setdefault(name, []).append(loss.detach())
         loss.backward()
 
     def step(self, name: str) -> dict[str, float]:
@@ -130,7 +132,7 @@ class FSDPEngine(Engine):
         params = [p for _, p in common.trainable_parameters(module)]
         norm = torch.nn.utils.clip_grad_norm_(params, self.specs[name].grad_clip)
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-        if not torch.isfinite(norm):  # issue 11: skip the update; the norm is global, so on every rank
+        if not common.finite_everywhere(norm, *self.losses.pop(name, [])):  # issue 11: every rank skips
             opt.zero_grad(set_to_none=True)
             return {"grad_norm": float(norm), "lr": schedule.lr, "skipped": 1.0}
         lr = schedule.apply(opt.param_groups)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from flashdmd.engine.base import Engine, OptimSpec
+from flashdmd.engine.common import finite_everywhere
 from flashdmd.engine.lr import StepSchedule
 
 
@@ -44,6 +45,7 @@ class LocalEngine(Engine):
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedules: dict[str, StepSchedule] = {}
         self.specs: dict[str, OptimSpec] = {}
+        self.losses: dict[str, list[Tensor]] = {}  # this step's losses per network, for the finite check
 
     # -- setup ------------------------------------------------------------------------------
     def setup(self, trainable: dict[str, nn.Module], optim: dict[str, OptimSpec], frozen: dict[str, nn.Module]) -> None:
@@ -90,6 +92,7 @@ class LocalEngine(Engine):
     # -- optimisation -----------------------------------------------------------------------
     def backward(self, name: str, loss: Tensor) -> None:
         self._trainable(name)
+        self.losses.setdefault(name, []).append(loss.detach())
         loss.backward()
 
     def step(self, name: str) -> dict[str, float]:
@@ -97,8 +100,9 @@ class LocalEngine(Engine):
         opt, spec = self.optimizers[name], self.specs[name]
         params = [p for group in opt.param_groups for p in group["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
-        if not torch.isfinite(grad_norm):  # issue 11: no update from NaN/Inf gradients; the norm is
-            opt.zero_grad(set_to_none=True)  # of all-reduced gradients, so every rank skips together
+        # issue 11: no update from a NaN/Inf loss or gradient on any rank (all ranks skip together)
+        if not finite_everywhere(grad_norm, *self.losses.pop(name, [])):
+            opt.zero_grad(set_to_none=True)
             return {"grad_norm": float(grad_norm), "lr": self.schedules[name].lr, "skipped": 1.0}
         lr = self.schedules[name].apply(opt.param_groups)
         opt.step()
@@ -108,6 +112,7 @@ class LocalEngine(Engine):
 
     def zero_grad(self, name: str) -> None:
         self._trainable(name)
+        self.losses.pop(name, None)
         self.optimizers[name].zero_grad(set_to_none=True)
 
     @contextlib.contextmanager

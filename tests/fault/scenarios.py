@@ -1,0 +1,277 @@
+"""The fault matrix of issue 11: each scenario injects one fault into a real run and returns a
+``Row`` (fault, outcome, steps lost, steps redone, data lost) after checking what survived.
+
+Shared by the tests in this folder (which assert every row) and ``bench/fault_matrix.py`` (which
+writes the table). Runs use the gmm2d toy (a trained MLP teacher, cached once) with few steps;
+multi-rank runs are real processes over gloo with the launcher's environment variables, faults
+come in through ``FLASHDMD_FAULTS`` (flashdmd/run/faults.py), nothing is patched.
+
+Definitions: "steps lost" = training steps of the requested run that never made it into the
+final state and its MLflow record (must be 0); "steps redone" = steps completed before the fault
+but after the last valid checkpoint, computed again after the resume (bounded by
+checkpoint.every); "data lost" = any metric step, checkpoint or sample that a rerun could not
+recover.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+
+from flashdmd.checkpoint import latest_valid, step_dirs
+from flashdmd.config import REPO_ROOT, Config, load_config
+from flashdmd.run.faults import ENV as FAULTS_ENV
+from flashdmd.tracking import read_jsonl
+
+ITERATIONS = 8
+EVERY = 2
+TIMEOUT_S = 15  # engine.collective_timeout_s of the multi-rank runs
+
+
+@dataclass
+class Row:
+    fault: str
+    outcome: str
+    steps_lost: int
+    steps_redone: int
+    data_lost: bool
+    seconds: float = 0.0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- runs ------------------------------------------------------------------------------------------
+
+
+def gmm_overrides(root: Path, cache: Path, name: str, *extra: str) -> list[str]:
+    return [
+        f"run_root={root}", f"name={name}", f"model.cache_dir={cache}", "model.gmm.teacher_steps=100",
+        "model.gmm.hidden=64", "data.batch_size=32", f"stage1.iterations={ITERATIONS}", "stage2.iterations=3",
+        f"checkpoint.every={EVERY}", "checkpoint.keep_last=10", "tracking.log_every=1", "tracking.sample_every=0",
+        f"engine.collective_timeout_s={TIMEOUT_S}", "health.monitor_batch=16", *extra,
+    ]
+
+
+def gmm_cfg(root: Path, cache: Path, name: str, *extra: str) -> Config:
+    return load_config("gmm2d", gmm_overrides(root, cache, name, *extra))
+
+
+def build_cache(cache: Path) -> Path:
+    from flashdmd.nets.registry import build_parts
+
+    build_parts(gmm_cfg(cache.parent, cache, "cache"), cache)
+    return cache
+
+
+@contextlib.contextmanager
+def faults_env(spec: str) -> Iterator[None]:
+    """Set the test-only fault variable for an in-process run, and clear it afterwards."""
+    old = os.environ.get(FAULTS_ENV)
+    os.environ[FAULTS_ENV] = spec
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(FAULTS_ENV, None)
+        else:
+            os.environ[FAULTS_ENV] = old
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Launch:
+    returncodes: list[int]
+    exit_times: list[float]  # seconds since start, per rank
+    logs: list[str]
+
+
+def launch(overrides: list[str], world: int = 2, faults: str = "", job: str = "stage1", timeout_s: float = 300) -> Launch:
+    """``world`` ranks of ``python -m flashdmd.train`` over gloo, as torchrun would start them."""
+    port = free_port()
+    procs, files = [], []
+    log_dir = Path(overrides[0].split("=", 1)[1])
+    started = time.perf_counter()
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+        env.pop(FAULTS_ENV, None)
+        if faults:
+            env[FAULTS_ENV] = faults
+        out = open(log_dir / f"launch-{port}-rank{rank}.log", "w+")  # noqa: SIM115 -- closed below
+        files.append(out)
+        procs.append(subprocess.Popen([sys.executable, "-m", "flashdmd.train", "--job", job, "--config", "gmm2d",
+                                       *overrides], cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
+    exit_times: list[float | None] = [None] * world
+    while any(t is None for t in exit_times):
+        for rank, proc in enumerate(procs):
+            if exit_times[rank] is None and proc.poll() is not None:
+                exit_times[rank] = time.perf_counter() - started
+        if time.perf_counter() - started > timeout_s:
+            for proc in procs:
+                proc.kill()
+            raise TimeoutError(f"ranks still running after {timeout_s} s (a hang past the collective timeout)")
+        time.sleep(0.1)
+    logs = []
+    for out in files:
+        out.seek(0)
+        logs.append(out.read())
+        out.close()
+    return Launch([p.returncode for p in procs], [float(t) for t in exit_times], logs)
+
+
+def metric_steps(root: Path, run_id: str, key: str, uri: str | None = None) -> list[int]:
+    client = mlflow.MlflowClient(tracking_uri=uri or f"sqlite:///{root / 'mlflow.db'}")
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def metric_values(root: Path, run_id: str, key: str) -> dict[int, float]:
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def handoff(cfg: Config) -> dict[str, Any]:
+    return json.loads((cfg.run_dir / "final" / "handoff.json").read_text())
+
+
+def jsonl_steps(cfg: Config) -> list[int]:
+    path = cfg.run_dir / "metrics.jsonl"
+    return sorted({int(r["step"]) for r in read_jsonl(path) if "step" in r}) if path.exists() else []
+
+
+def _missing_steps(steps: list[int]) -> int:
+    return len(set(range(1, ITERATIONS + 1)) - set(steps))
+
+
+# -- 1. kill -9 of one rank ------------------------------------------------------------------------
+
+
+def kill_rank(root: Path, cache: Path, phase: str) -> Row:
+    """Rank 1 killed mid-step (iteration 5) or mid-save (step 6's checkpoint); rerun resumes."""
+    started = time.perf_counter()
+    fault = "kill_step@5:rank=1" if phase == "step" else "kill_save@6:rank=1"
+    cfg = gmm_cfg(root, cache, f"kill-{phase}")
+    overrides = gmm_overrides(root, cache, f"kill-{phase}")
+    first = launch(overrides, faults=fault, timeout_s=TIMEOUT_S + 240)
+    detected_s = first.exit_times[0] - first.exit_times[1]
+    completed = max(jsonl_steps(cfg), default=0)
+    valid = latest_valid(cfg.checkpoint_dir)
+    partial = [p.name for _, p in step_dirs(cfg.checkpoint_dir) if not (p / "COMPLETE").exists()]
+    second = launch(overrides, timeout_s=300)
+    resumed = re.search(r"resuming from \S+ \(step (\d+)\)", second.logs[0])
+    meta = handoff(cfg)
+    steps = metric_steps(root, meta["mlflow_run_id"], "loss_fake")
+    ok = (first.returncodes[1] == -9 and first.returncodes[0] != 0 and second.returncodes == [0, 0]
+          and resumed is not None and meta["step"] == ITERATIONS)
+    resumed_step = int(resumed.group(1)) if resumed else -1
+    return Row(
+        fault=f"kill -9 rank 1 mid-{phase} (2 ranks, DDP/gloo)",
+        outcome=(f"job failed {detected_s:.1f} s after the kill (timeout {TIMEOUT_S} s); rerun resumed from step "
+                 f"{resumed_step} and finished" if ok else "FAILED: " + json.dumps(first.returncodes + second.returncodes)),
+        steps_lost=ITERATIONS - meta["step"] + _missing_steps(steps),
+        steps_redone=max(0, completed - resumed_step),
+        data_lost=not ok or _missing_steps(steps) > 0,
+        seconds=time.perf_counter() - started,
+        detail={"returncodes_first": first.returncodes, "returncodes_rerun": second.returncodes,
+                "detected_after_s": detected_s, "completed_before_kill": completed,
+                "valid_before_rerun": valid.name if valid else None, "partial_dirs": partial,
+                "resumed_step": resumed_step, "metric_steps": steps},
+    )
+
+
+# -- 2. NaN / Inf ------------------------------------------------------------------------------------
+
+
+def nonfinite_skip(root: Path, cache: Path, spec: str, label: str) -> Row:
+    """One poisoned step in an in-process run: skipped, counted, the run finishes."""
+    from flashdmd.train import main
+
+    started = time.perf_counter()
+    cfg = gmm_cfg(root, cache, f"skip-{label}")
+    with faults_env(spec):
+        main(cfg, "stage1")
+    meta = handoff(cfg)
+    skipped = metric_values(root, meta["mlflow_run_id"], "health/skipped_steps")
+    steps = metric_steps(root, meta["mlflow_run_id"], "loss_fake")
+    counted = [s for s, v in sorted(skipped.items()) if v >= 1]
+    ok = meta["step"] == ITERATIONS and counted[:1] == [int(spec.split("@")[1].split(":")[0])] and skipped[ITERATIONS] == 1
+    return Row(fault=f"{label} at step 3 (1 rank)", outcome="step skipped and counted; run finished" if ok else f"FAILED: {skipped}",
+               steps_lost=_missing_steps(steps), steps_redone=0, data_lost=not ok,
+               seconds=time.perf_counter() - started, detail={"skipped_steps": skipped})
+
+
+def nonfinite_two_ranks(root: Path, cache: Path) -> Row:
+    """Inf in rank 1's discriminator output only: both ranks skip step 3 and agree on the count."""
+    started = time.perf_counter()
+    cfg = gmm_cfg(root, cache, "skip-2ranks")
+    run = launch(gmm_overrides(root, cache, "skip-2ranks"), faults="inf_loss@3:rank=1:net=discriminator")
+    both = [bool(re.search(r"step 3: non-finite .* update skipped \(1 in a row, 1 in all\)", log)) for log in run.logs]
+    meta = handoff(cfg)
+    skipped = metric_values(root, meta["mlflow_run_id"], "health/skipped_steps")
+    steps = metric_steps(root, meta["mlflow_run_id"], "loss_fake")
+    ok = run.returncodes == [0, 0] and all(both) and skipped.get(2) == 0 and skipped.get(3) == 1 and skipped[ITERATIONS] == 1
+    return Row(fault="Inf loss on rank 1 only at step 3 (2 ranks)",
+               outcome="both ranks skipped step 3 together; run finished" if ok else f"FAILED: {run.returncodes} {both}",
+               steps_lost=_missing_steps(steps), steps_redone=0, data_lost=not ok,
+               seconds=time.perf_counter() - started, detail={"skipped_steps": skipped, "ranks_saw_skip": both})
+
+
+def nonfinite_rollback(root: Path, cache: Path) -> Row:
+    """Steps 5-7 poisoned (3 in a row): back to step 6's checkpoint at half the learning rates."""
+    from flashdmd.train import main
+
+    started = time.perf_counter()
+    cfg = gmm_cfg(root, cache, "rollback", "health.max_consecutive_nonfinite=3", "stage1.lr_schedule=constant")
+    with faults_env("nan_grad@5:net=fake_score,nan_grad@6:net=fake_score,nan_grad@7:net=fake_score"):
+        main(cfg, "stage1")
+    meta = handoff(cfg)
+    lr = metric_values(root, meta["mlflow_run_id"], "fake_score_lr")
+    scale = metric_values(root, meta["mlflow_run_id"], "health/lr_scale")
+    trainer = json.loads((latest_valid(cfg.checkpoint_dir) / "trainer.json").read_text())
+    steps = metric_steps(root, meta["mlflow_run_id"], "loss_fake")
+    ok = (meta["step"] == ITERATIONS and math.isclose(lr[ITERATIONS], 0.5 * cfg.stage1.fake_lr)
+          and math.isclose(lr[4], cfg.stage1.fake_lr) and scale[ITERATIONS] == 0.5 and trainer["guard"]["rollbacks"] == 1)
+    return Row(fault="NaN gradients 3 steps in a row (steps 5-7)",
+               outcome="rolled back to step 6 at 0.5x learning rates; run finished" if ok else f"FAILED: {lr} {scale}",
+               steps_lost=_missing_steps(steps), steps_redone=1, data_lost=not ok,
+               seconds=time.perf_counter() - started, detail={"fake_score_lr": lr, "guard": trainer["guard"]})
+
+
+def nonfinite_stop(root: Path, cache: Path) -> Row:
+    """health.on_nonfinite=stop: two poisoned steps in a row end the run with a clear message."""
+    from flashdmd.run.guard import TrainingHealthError
+    from flashdmd.train import main
+
+    started = time.perf_counter()
+    cfg = gmm_cfg(root, cache, "stop", "health.on_nonfinite=stop", "health.max_consecutive_nonfinite=2")
+    message = ""
+    with faults_env("inf_grad@3:net=fake_score,inf_grad@4:net=fake_score"):
+        try:
+            main(cfg, "stage1")
+        except TrainingHealthError as err:
+            message = str(err)
+    valid = latest_valid(cfg.checkpoint_dir)
+    ok = "2 consecutive steps (3..4)" in message and "health.on_nonfinite=stop" in message and valid is not None
+    return Row(fault="Inf gradients 2 steps in a row, on_nonfinite=stop",
+               outcome="stopped with a clear message; step 2 checkpoint intact" if ok else f"FAILED: {message!r}",
+               steps_lost=0, steps_redone=0, data_lost=not ok, seconds=time.perf_counter() - started,
+               detail={"message": message, "valid": valid.name if valid else None})
