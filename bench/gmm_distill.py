@@ -1,16 +1,20 @@
 """Benchmark on the exact 2-D toy world: Flash-DMD vs the DMD2 baseline, joint RL vs RL-only.
 
 Runs, for a fixed budget and fixed seeds, through the very same stage-1/stage-2 code that the
-image families use (LocalEngine, gmm2d parts):
+image families use (LocalEngine, gmm2d parts, the gmm2d preset):
 
-1. the 50-step teacher sampler (the quality reference);
-2. stage 1 in Flash-DMD mode and in DMD2 mode (both losses on every step, no EMA pull, TTUR 5
-   as in DMD2's recipe), scoring the 4-step student every ``--eval-every`` iterations;
-3. stage 2 from the Flash-DMD stage-1 result: joint (5 RL : 1 distillation) vs RL only.
+1. the 50-step teacher sampler (the quality reference) and the undistilled 4-step student;
+2. stage 1 (``STAGE1_RUNS``): Flash-DMD, Flash-DMD without the EMA pull, Flash-DMD without the
+   GAN step, the DMD2 baseline (both losses on every step, no EMA pull, TTUR 5 as in DMD2's
+   recipe) and DMD2 at Flash's TTUR 2; the 4-step student is scored every ``--eval-every``
+   iterations and at the end;
+3. stage 2 from each seed's Flash-DMD result: joint (5 RL : 1 distillation) vs RL only.
 
-Metrics (flashdmd.metrics.gmm): sliced W2 to fresh true samples, modes covered, mean reward of
-the stage-2 reward (closeness to ``model.gmm.reward_mode``). Writes bench/results/gmm_distill.json
-and prints a table. Usage: ``python bench/gmm_distill.py [--quick] [key=value overrides]``.
+Metrics (flashdmd.metrics.gmm): sliced W2 to fresh true samples, modes covered, mean reward and
+the mass at the rewarded mode. "Updates to threshold" counts generator updates until SW2 first
+drops below 2 / 1.75 / 1.5 times the teacher's (same sample count). Writes
+bench/results/gmm_distill.json and prints a table.
+Usage: ``python bench/gmm_distill.py [--quick] [--seeds 0 1 2] [key=value overrides]``.
 """
 from __future__ import annotations
 
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="config overrides applied to every run (key=value)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-samples", type=int, default=10000, help="samples per curve point")
     ap.add_argument("--final-samples", type=int, default=40000, help="samples for the final scores")
     ap.add_argument("--cache", type=Path, default=REPO / "runs" / "cache")
