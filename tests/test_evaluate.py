@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from student_world import PROMPTS, tiny_clip, tiny_image_reward, trained_run  # noqa: F401  (fixture)
 
 from flashdmd.config import REPO_ROOT, Config, EvalConfig
 from flashdmd.diffusion.rollout import randn
@@ -30,9 +29,14 @@ from flashdmd.sampling import load_student
 
 METRICS = ["clip_score", "pickscore", "hpsv2", "image_reward", "fid", "mps"]
 
+pytest.register_assert_rewrite("student_world")  # it is also loaded as a plugin below
+from student_world import PROMPTS, tiny_clip, tiny_image_reward
+
+pytest_plugins = ["student_world"]  # the session-wide trained_run fixture, built once for all three files
+
 
 @pytest.fixture(scope="module")
-def eval_cfg(trained_run, tmp_path_factory) -> Config:  # noqa: F811
+def eval_cfg(trained_run, tmp_path_factory) -> Config:
     cfg, _ = trained_run
     root = tmp_path_factory.mktemp("eval")
     clip = str(tiny_clip(root / "clip"))

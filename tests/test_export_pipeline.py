@@ -11,22 +11,25 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from student_world import PROMPTS, synthetic_handoff, trained_run  # noqa: F401  (fixture)
 
 from flashdmd.diffusion.rollout import randn, sample_student
 from flashdmd.diffusion.schedules import FlowSchedule, VPSchedule
 from flashdmd.pipeline_export import EXPORT_META, export_pipeline, student_scheduler
-from flashdmd.sampling import load_student
+from flashdmd.sampling import Student, load_student
+
+pytest.register_assert_rewrite("student_world")  # it is also loaded as a plugin below
+from student_world import PROMPTS, synthetic_handoff
+
+pytest_plugins = ["student_world"]  # the session-wide trained_run fixture, built once for all three files
 
 
-def pipeline_vs_sampler(out: Path, cfg, source, prompts: list[str], seed: int = 3) -> tuple[torch.Tensor, ...]:
+def pipeline_vs_sampler(out: Path, student: Student, prompts: list[str], seed: int = 3) -> tuple[torch.Tensor, ...]:
     """(pipeline latents, sampler latents, pipeline images, sampler images) for the same noise."""
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     kwargs = json.loads((out / EXPORT_META).read_text())["call_kwargs"]
-    student = load_student(cfg, source)
     shape = (len(prompts), *student.latent_shape)
 
     g = torch.Generator().manual_seed(seed)
@@ -45,7 +48,7 @@ def pipeline_vs_sampler(out: Path, cfg, source, prompts: list[str], seed: int = 
     return call("latent"), x0, call("pt"), ours
 
 
-def test_tiny_sdxl_export_matches_the_student_sampler(trained_run, tmp_path):  # noqa: F811
+def test_tiny_sdxl_export_matches_the_student_sampler(trained_run, tmp_path):
     from diffusers import LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     cfg, run_dir = trained_run
@@ -55,7 +58,8 @@ def test_tiny_sdxl_export_matches_the_student_sampler(trained_run, tmp_path):  #
     assert meta["exact"] and meta["call_kwargs"] == {"num_inference_steps": 4, "guidance_scale": 1.0, "height": 64, "width": 64}
     assert json.loads((out / "model_index.json").read_text())["scheduler"] == ["diffusers", "LCMScheduler"]
 
-    pipe_lat, ours_lat, pipe_img, ours_img = pipeline_vs_sampler(out, cfg, run_dir, PROMPTS[:2])
+    student = load_student(cfg, run_dir)
+    pipe_lat, ours_lat, pipe_img, ours_img = pipeline_vs_sampler(out, student, PROMPTS[:2])
     scale = ours_lat.abs().max()
     assert (pipe_lat - ours_lat).abs().max() <= 1e-5 * scale
     assert (pipe_img - ours_img).abs().max() < 1e-4
@@ -66,7 +70,7 @@ def test_tiny_sdxl_export_matches_the_student_sampler(trained_run, tmp_path):  #
     handed = load_file(str(run_dir / "final" / "generator.safetensors"))
     exported = unet.state_dict()
     assert all(torch.equal(exported[k.removeprefix("model.")], v) for k, v in handed.items())
-    teacher = StableDiffusionXLPipeline.from_pretrained(load_student(cfg, run_dir).extras["teacher_dir"]).unet.state_dict()
+    teacher = StableDiffusionXLPipeline.from_pretrained(student.extras["teacher_dir"]).unet.state_dict()
     assert any(not torch.equal(teacher[k], v) for k, v in exported.items())
     scheduler = LCMScheduler.from_pretrained(out / "scheduler")
     scheduler.set_timesteps(4)
@@ -89,13 +93,14 @@ def test_tiny_sd3_export_matches_the_student_sampler(tmp_path):
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(out / "scheduler")
     scheduler.set_timesteps(4)
     assert scheduler.timesteps.tolist() == pytest.approx([1000, 750, 500, 250], abs=1e-3)
-    pipe_lat, ours_lat, pipe_img, ours_img = pipeline_vs_sampler(out, cfg, run_dir, PROMPTS[:2])
+    pipe_lat, ours_lat, pipe_img, ours_img = pipeline_vs_sampler(out, load_student(cfg, run_dir), PROMPTS[:2])
     assert (pipe_lat - ours_lat).abs().max() <= 1e-4 * ours_lat.abs().max()
     assert (pipe_img - ours_img).abs().max() < 1e-3
     card = (out / "README.md").read_text()
     assert "max_sequence_length" in card and "torch.manual_seed(0)" in card
 
 
+@pytest.mark.slow
 def test_uneven_timesteps_are_flagged_and_reproduced_with_explicit_timesteps(tmp_path, caplog):
     """tiny-sd15 with 999, 600, 300, 100: set_timesteps(4) cannot give them; card and log say so, and
     the call with the card's ``timesteps=`` reproduces the sampler."""
@@ -108,7 +113,7 @@ def test_uneven_timesteps_are_flagged_and_reproduced_with_explicit_timesteps(tmp
     meta = json.loads((out / EXPORT_META).read_text())
     assert not meta["exact"] and meta["call_kwargs"]["timesteps"] == [999, 600, 300, 100]
     assert "does not reproduce the student's timesteps" in (out / "README.md").read_text()
-    pipe_lat, ours_lat, pipe_img, ours_img = pipeline_vs_sampler(out, cfg, run_dir, PROMPTS[:1])
+    pipe_lat, ours_lat, pipe_img, ours_img = pipeline_vs_sampler(out, load_student(cfg, run_dir), PROMPTS[:1])
     assert (pipe_lat - ours_lat).abs().max() <= 1e-5 * ours_lat.abs().max()
     assert (pipe_img - ours_img).abs().max() < 1e-4
 

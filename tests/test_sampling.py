@@ -10,14 +10,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from student_world import PROMPTS, trained_run  # noqa: F401  (fixture)
 
 from flashdmd.checkpoint import step_dir
 from flashdmd.diffusion.rollout import randn, sample_student
 from flashdmd.sampling import cli, default_source, find_student, load_student, main
 
+pytest.register_assert_rewrite("student_world")  # it is also loaded as a plugin below
+from student_world import PROMPTS
 
-def test_find_student_in_run_dirs_hand_overs_and_checkpoints(trained_run, tmp_path):  # noqa: F811
+pytest_plugins = ["student_world"]  # the session-wide trained_run fixture, built once for all three files
+
+
+def test_find_student_in_run_dirs_hand_overs_and_checkpoints(trained_run, tmp_path):
     cfg, run_dir = trained_run
     run = find_student(run_dir)
     assert (run.kind, run.step, run.folder, run.student_timesteps) == ("handoff", 2, run_dir / "final", [999, 749, 499, 249])
@@ -37,7 +41,7 @@ def test_find_student_in_run_dirs_hand_overs_and_checkpoints(trained_run, tmp_pa
         find_student(copy / "checkpoints" / "step-00000002")
 
 
-def test_per_seed_images_match_sample_student_and_ignore_batching(trained_run):  # noqa: F811
+def test_per_seed_images_match_sample_student_and_ignore_batching(trained_run):
     cfg, run_dir = trained_run
     student = load_student(cfg, run_dir)
     prompts, seeds = PROMPTS[:3], [5, 6, 7]
@@ -57,7 +61,7 @@ def test_per_seed_images_match_sample_student_and_ignore_batching(trained_run): 
     assert torch.equal(student.latents(prompts, seeds), batched)
 
 
-def test_a_hand_over_of_another_family_is_refused(trained_run):  # noqa: F811
+def test_a_hand_over_of_another_family_is_refused(trained_run):
     from flashdmd.config import load_config
 
     cfg, run_dir = trained_run
@@ -66,7 +70,7 @@ def test_a_hand_over_of_another_family_is_refused(trained_run):  # noqa: F811
         load_student(other, run_dir)
 
 
-def test_sample_job_writes_grid_files_and_seeds(trained_run, tmp_path):  # noqa: F811
+def test_sample_job_writes_grid_files_and_seeds(trained_run, tmp_path):
     cfg, run_dir = trained_run
     cfg = copy.deepcopy(cfg)
     cfg.sample.prompts = PROMPTS[:2]
@@ -96,13 +100,13 @@ def test_sample_job_writes_grid_files_and_seeds(trained_run, tmp_path):  # noqa:
     assert all(np.array_equal(a, b) for a, b in zip(files, again))
 
 
-def test_sample_job_without_prompts_says_what_to_set(trained_run, capsys):  # noqa: F811
+def test_sample_job_without_prompts_says_what_to_set(trained_run, capsys):
     cfg, run_dir = trained_run
     code = cli(["--config", "tiny-sdxl", "--source", str(run_dir), f"run_root={cfg.run_root}"])
     assert code == 2 and "sample.prompts" in capsys.readouterr().err
 
 
-def test_jobs_under_default_names_find_the_training_run(trained_run, tmp_path):  # noqa: F811
+def test_jobs_under_default_names_find_the_training_run(trained_run, tmp_path):
     cfg, run_dir = trained_run
     cfg = copy.deepcopy(cfg)
     cfg.run_root, cfg.name = str(tmp_path), "tiny-sdxl-sample"  # what jobs/submit.py names a sample job
