@@ -65,6 +65,7 @@ def test_override_type_coercion():
             "stage2.rl_transitions=[[999,499]]",
             "model.teacher=/some/path:with=equals",
             "stage1.generator_lr=1",
+            "stage1.fake_lr=1e-4",
             "tracking.tags={team: vision}",
         ],
     )
@@ -72,6 +73,7 @@ def test_override_type_coercion():
     assert cfg.stage1.student_timesteps == [999, 499]
     assert cfg.model.teacher == "/some/path:with=equals"
     assert isinstance(cfg.stage1.generator_lr, float)
+    assert cfg.stage1.fake_lr == 1e-4  # YAML reads "1e-4" as a string; floats accept it
     assert cfg.tracking.tags == {"team": "vision"}
 
 
@@ -83,6 +85,8 @@ def test_unknown_key_suggests_closest():
 
 
 def test_wrong_type_in_override_names_key_and_type():
+    with pytest.raises(ConfigError, match=r"stage1\.fake_lr: expected float"):
+        load_config("tiny-sdxl", ["stage1.fake_lr=fast"])
     with pytest.raises(ConfigError, match=r"stage1\.ttur: expected int"):
         load_config("tiny-sdxl", ["stage1.ttur=two"])
     with pytest.raises(ConfigError, match=r"engine\.kind: expected one of 'local', 'fsdp', 'deepspeed'"):
