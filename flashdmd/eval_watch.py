@@ -62,9 +62,9 @@ def next_source(cfg: Config, run_dir: Path, done: set[int]) -> StudentSource | N
     return None
 
 
-def _agree(ok: bool) -> bool:
-    """True when every rank succeeded."""
-    flag = torch.tensor([1 if ok else 0])
+def _agree(ok: bool, device: torch.device) -> bool:
+    """True when every rank succeeded (the flag lives on ``device``: NCCL reduces device tensors only)."""
+    flag = torch.tensor([1 if ok else 0], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
@@ -106,7 +106,7 @@ def watch(cfg: Config, rank: int, world_size: int, device: torch.device, run_dir
         except (FileNotFoundError, OSError, SafetensorError) as err:
             log.warning("step %d: cannot read %s (%s); skipped", source.step, source.folder, err)
             loaded = False
-        if _agree(loaded):
+        if _agree(loaded, device):
             results.append(evaluate_source(cfg, student, rank, world_size))
         done.add(source.step)
 

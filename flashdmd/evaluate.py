@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, default_run_name, load_config
@@ -123,9 +124,20 @@ def measure(cfg: Config, model: Student | TeacherBaseline, device: torch.device,
                 Image.fromarray(to_uint8(image)).save(image_dir / f"{i:05d}.png")
     values = {}
     for name, metric in metrics.items():
-        metric.all_reduce()
+        sum_over_ranks(metric.state(), device)
         values[name] = metric.compute()
     return values, skipped
+
+
+def sum_over_ranks(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Sum a metric's statistics over the process group, in place. Unlike ``Metric.all_reduce`` this
+    also works under NCCL, which reduces device tensors only: each statistic travels via ``device``."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for value in state.values():
+        buffer = value.to(device)
+        dist.all_reduce(buffer)
+        value.copy_(buffer.to(value.device))
 
 
 def run_eval(cfg: Config, student: Student, rank: int = 0, world_size: int = 1,
