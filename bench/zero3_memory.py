@@ -30,8 +30,8 @@ import torch.multiprocessing as mp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from flashdmd.algo.batch import Batch  # noqa: E402
-from flashdmd.config import load_config  # noqa: E402
+from flashdmd.algo.batch import Batch
+from flashdmd.config import load_config
 
 PROMPTS = ["a red car", "a cat on a mat", "a bowl of fruit", "a blue house"]
 KINDS = ("local", "fsdp", "deepspeed")

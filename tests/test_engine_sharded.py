@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from engine_world import run_ranks, train_run
 
 N = 4

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from engine_world import run_ranks, stage1_config, stage1_run
 
 N, K = 3, 2
@@ -72,16 +71,16 @@ def test_sharded_stage1_matches_local_resumes_and_exports(kind: str, cache: str,
 @pytest.mark.slow
 def test_lora_ema_on_adapter_shards_matches_local(cache: str, tmp_path: Path) -> None:
     """tiny-sd3 with LoRA: one generator update, the EMA pull on the adapter weights only, then
-    the critics; FSDP2 and ZeRO-3 against the local engine over DDP (observed <= 3e-8)."""
+    the critics; ZeRO-3 (EMA on its fp32 master and bit16 partitions) against the local engine
+    over DDP (observed 3e-9; FSDP2 measured 3e-8 once, not repeated here to save suite time)."""
     from flashdmd.nets.registry import build_parts
 
     build_parts(stage1_config("local", cache, "tiny-sd3"), Path(cache))
     runs = {kind: run_ranks(2, stage1_run, kind, cache, 1, 0, str(tmp_path / kind), False, "tiny-sd3", tmp=tmp_path)
-            for kind in ("ddp", "fsdp", "deepspeed")}
+            for kind in ("ddp", "deepspeed")}
     assert any(".lora_" in k and k.startswith("f.") for k in runs["ddp"])  # the fake score's adapter is compared
-    for kind in ("fsdp", "deepspeed"):
-        worst = _worst(runs[kind], runs["ddp"])
-        assert worst[0] <= 1e-5, f"{kind} vs local: {worst}"
+    worst = _worst(runs["deepspeed"], runs["ddp"])
+    assert worst[0] <= 1e-5, f"deepspeed vs local: {worst}"
 
 
 def test_export_tiny_sd3_lora_fuses_into_plain_transformer(cache: str, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@ metric reduction, EMA pairing checks and the per-network memory report (issue 6,
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist

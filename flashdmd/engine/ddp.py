@@ -10,8 +10,8 @@ averaged over ranks; rank 0 alone writes the (identical) replicas and returns fu
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist

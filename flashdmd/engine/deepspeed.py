@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,8 +49,8 @@ from flashdmd.engine.state_io import (
 
 # DeepSpeed picks its accelerator when imported; say which one instead of letting it probe.
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-import deepspeed  # noqa: E402
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_local_fp32_param  # noqa: E402
+import deepspeed
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_local_fp32_param
 
 SHARDED_FROZEN = ("teacher", "reference")
 

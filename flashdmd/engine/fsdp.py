@@ -17,8 +17,8 @@ frozen tensors are never saved (``ignore_frozen_params``).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
