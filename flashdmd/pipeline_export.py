@@ -195,7 +195,10 @@ def model_card(cfg: Config, student: Student, facts: dict[str, Any], kwargs: dic
                   "", results["table"]]
     else:
         lines += ["Not evaluated yet (`python jobs/submit.py eval`).", ""]
-    lines += ["## Training config", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "```", ""]
+    saved = src.run_dir / "config.yaml"  # the run's own resolved config, as training wrote it
+    config_text = saved.read_text() if saved.is_file() else yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    lines += ["## Training config", "", f"From `{saved if saved.is_file() else 'the export config'}`:", "",
+              "```yaml", config_text.rstrip(), "```", ""]
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from flashdmd.diffusion.rollout import randn, sample_student
 from flashdmd.diffusion.schedules import FlowSchedule, VPSchedule
-from flashdmd.pipeline_export import EXPORT_META, export_pipeline, student_scheduler
+from flashdmd.pipeline_export import EXPORT_META, cli, export_pipeline, student_scheduler
 from flashdmd.sampling import Student, load_student
 
 pytest.register_assert_rewrite("student_world")  # it is also loaded as a plugin below
@@ -129,3 +129,15 @@ def test_student_scheduler_grids():
     assert facts["exact"] and sched.config.shift == 1.0 and sched.config.stochastic_sampling
     with pytest.raises(ValueError, match="other betas"):
         student_scheduler(vp, [999, 499], {"beta_start": 0.0001, "beta_end": 0.02})
+
+
+def test_export_cli(trained_run, tmp_path, capsys):
+    cfg, run_dir = trained_run
+    common = ["--config", "tiny-sdxl", f"run_root={cfg.run_root}", f"model.cache_dir={cfg.model.cache_dir}"]
+    assert cli([*common, "--source", str(run_dir / "checkpoints" / "step-00000001"), "--out", str(tmp_path / "p")]) == 0
+    meta = json.loads((tmp_path / "p" / EXPORT_META).read_text())
+    assert meta["step"] == 1 and meta["source"].endswith("step-00000001")
+    card = (tmp_path / "p" / "README.md").read_text()
+    assert f"From `{run_dir / 'config.yaml'}`" in card and "iterations: 2" in card
+    assert cli([*common, "--source", str(tmp_path / "nothing")]) == 2
+    assert "no trained generator" in capsys.readouterr().err
