@@ -275,3 +275,127 @@ def nonfinite_stop(root: Path, cache: Path) -> Row:
                outcome="stopped with a clear message; step 2 checkpoint intact" if ok else f"FAILED: {message!r}",
                steps_lost=0, steps_redone=0, data_lost=not ok, seconds=time.perf_counter() - started,
                detail={"message": message, "valid": valid.name if valid else None})
+
+
+# -- 4. bad configs ----------------------------------------------------------------------------------
+
+# (category, job, overrides or a YAML text for --config, fragment the error must contain)
+NO_STEPS = ["stage1.dm_steps=[]", "stage1.gan_steps=[]", "stage2.rl_transitions=[]"]
+MUTATIONS: list[tuple[str, str, list[str] | str, str]] = [
+    ("wrong type", "stage1", ["stage1.ttur=two"], "stage1.ttur: expected int"),
+    ("wrong type", "stage1", ["stage1.generator_lr=fast"], "stage1.generator_lr: expected float"),
+    ("wrong type", "stage1", ["data.batch_size=[1,2]"], "data.batch_size: expected int"),
+    ("wrong type", "stage1", ["engine.kind=ddp"], "engine.kind: expected one of"),
+    ("wrong type", "stage1", ["stage1.fake_ema=maybe"], "stage1.fake_ema: expected bool"),
+    ("wrong type", "stage1", ["model.lora.rank=1.5"], "model.lora.rank: expected int"),
+    ("wrong type", "stage1", ["stage1.student_timesteps=999"], "stage1.student_timesteps: expected list"),
+    ("wrong type", "stage1", ["tracking.tags=[a]"], "tracking.tags: expected dict"),
+    ("wrong type", "stage1", ["launch.nodes=null"], "launch.nodes: expected int"),
+    ("wrong type", "stage1", ["health.on_nonfinite=ignore"], "health.on_nonfinite: expected one of"),
+    ("unknown key", "stage1", ["stage1.tturr=2"], "did you mean 'stage1.ttur'"),
+    ("unknown key", "stage1", ["engine.knd=fsdp"], "engine.knd"),
+    ("unknown key", "stage1", ["foo.bar=1"], "unknown config key 'foo'"),
+    ("unknown key", "stage1", ["model.gmm.radiuss=2"], "model.gmm.radiuss"),
+    ("unknown key", "stage1", ["stage1=3"], "is a section"),
+    ("unknown key", "stage1", ["health.max_nonfinite=3"], "health.max_nonfinite"),
+    ("unknown key", "stage1", "stage1:\n  iterationz: 5\n", "stage1.iterationz"),
+    ("out of range", "stage1", ["stage1.ttur=0"], "stage1.ttur must be >= 1"),
+    ("out of range", "stage1", ["stage2.beta=0"], "beta must be > 0"),
+    ("out of range", "stage1", ["data.resolution=30"], "multiple of 8"),
+    ("out of range", "stage1", ["checkpoint.keep_last=0"], "keep_last"),
+    ("out of range", "stage1", ["health.rollback_lr_factor=2"], "rollback_lr_factor"),
+    ("out of range", "stage1", ["stage1.fake_ema_decay=1.5"], "fake_ema_decay"),
+    ("out of range", "stage1", ["engine.collective_timeout_s=0"], "collective_timeout_s"),
+    ("out of range", "stage1", ["data.max_bad_fraction=-0.1"], "max_bad_fraction"),
+    ("out of range", "stage1", ["launch.time_minutes=1", "launch.signal_lead_s=600"], "signal_lead_s"),
+    ("inconsistent timesteps", "stage1", ["stage1.student_timesteps=[249,499,749,999]", *NO_STEPS], "strictly decreasing"),
+    ("inconsistent timesteps", "stage1", ["stage1.dm_steps=[998]"], "dm_steps must be among"),
+    ("inconsistent timesteps", "stage1", ["stage1.gan_steps=[1]"], "gan_steps must be among"),
+    ("inconsistent timesteps", "stage1", ["stage2.rl_transitions=[[999,1]]"], "consecutive stage1.student_timesteps"),
+    ("inconsistent timesteps", "stage1", ["stage1.student_timesteps=[1999,999]", *NO_STEPS], "[0, 1000]"),
+    ("inconsistent timesteps", "stage1", ["stage1.student_timesteps=[]", *NO_STEPS], "must not be empty"),
+    ("missing path", "stage1", "/nonexistent/{preset}.yaml", "does not exist"),
+    ("missing path", "stage1", "{preset}x", "unknown preset"),
+    ("missing path", "stage1", ["model.teacher=/nonexistent/teacher"], "model.teacher='/nonexistent/teacher'"),
+    ("missing path", "stage1", ["data.shards=/nonexistent/x-{000000..000003}.tar"], "none of its 4 shard files exist"),
+    ("missing path", "stage2", ["stage2.init_from=/nonexistent/run"], "stage2.init_from='/nonexistent/run'"),
+    ("missing path", "stage1", ["data.prompts=/nonexistent/prompts.txt"], "data.prompts"),
+    ("missing path", "stage1", ["model.reward_model=./nonexistent/lrm.safetensors"], "model.reward_model"),
+    ("bad file", "stage1", "stage1: [1, 2\n", "not valid YAML"),
+    ("bad file", "stage1", "- {preset}\n- 2\n", "expected a mapping at the top level"),
+    ("bad file", "stage1", "stage1:\n  ttur: fast\n", "stage1.ttur: expected int"),
+]
+PRESETS = ("gmm2d", "tiny-sdxl", "sdxl-4step", "sd3-medium-4step", "tiny-sd3", "sd15-4step", "sdxl-8step", "tiny-sd15")
+
+
+def _applies(fragment: str, preset: str) -> bool:
+    """Shard and prompt paths are not read by the gmm2d toy, and a YAML text replaces the preset."""
+    return not (preset == "gmm2d" and ("shard" in fragment or "data.prompts" in fragment))
+
+
+def config_variants(tmp: Path, count: int = 100) -> list[dict[str, Any]]:
+    """``count`` (preset x mutation) variants, every mutation on several presets."""
+    variants: list[dict[str, Any]] = []
+    i = 0
+    while len(variants) < count:
+        category, job, change, fragment = MUTATIONS[i % len(MUTATIONS)]
+        preset = PRESETS[(i // len(MUTATIONS) + i) % len(PRESETS)]
+        i += 1
+        if not _applies(fragment, preset):
+            continue
+        config, overrides = preset, []
+        if isinstance(change, str) and "\n" in change:  # a mutated YAML file based on the preset
+            path = tmp / f"variant-{len(variants):03d}.yaml"
+            text = change.format(preset=preset) if change.startswith("-") else f"base: {preset}\n{change}"
+            path.write_text(text)
+            config = str(path)
+        elif isinstance(change, str):  # another --config, derived from the preset's name
+            config = change.format(preset=preset)
+        else:
+            overrides = list(change)
+        variants.append({"category": category, "job": job, "config": config, "overrides": overrides, "fragment": fragment})
+    return variants
+
+
+def check_variant(variant: dict[str, Any]) -> dict[str, Any]:
+    """Run jobs/submit.py --dry-run in-process, then the pre-submission path check; never a traceback."""
+    import io
+    import traceback
+
+    from flashdmd.config import ConfigError
+    from flashdmd.preflight import preflight
+    from jobs import submit
+
+    argv = [variant["job"], "--config", variant["config"], "--dry-run", *variant["overrides"]]
+    out, err = io.StringIO(), io.StringIO()
+    caught_by, message = "nothing", ""
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = submit.main(argv)
+        if rc != 0:
+            caught_by, message = "submit --dry-run", err.getvalue()
+        else:
+            args = submit.parse_args(argv)
+            for job, cfg in submit.resolve_all(args):
+                preflight(cfg, job)
+    except ConfigError as error:
+        caught_by, message = "preflight", str(error)
+    except SystemExit as error:  # argparse's own usage error
+        caught_by, message = f"argparse (exit {error.code})", err.getvalue()
+    except Exception:  # noqa: BLE001 -- the thing this matrix forbids: record it
+        caught_by, message = "TRACEBACK", traceback.format_exc()
+    clear = variant["fragment"] in message and "Traceback" not in message
+    return {**variant, "caught_by": caught_by, "clear": clear, "message": message.strip()[-400:]}
+
+
+def bad_configs(tmp: Path) -> tuple[Row, list[dict[str, Any]]]:
+    started = time.perf_counter()
+    tmp.mkdir(parents=True, exist_ok=True)
+    results = [check_variant(v) for v in config_variants(tmp)]
+    unclear = [r for r in results if not r["clear"]]
+    by = {k: sum(r["caught_by"] == k for r in results) for k in sorted({r["caught_by"] for r in results})}
+    return Row(fault=f"{len(results)} mutated preset configs", outcome=(
+        f"all refused with a clear error before submission ({', '.join(f'{k}: {n}' for k, n in by.items())})"
+        if not unclear else f"FAILED: {len(unclear)} unclear"),
+        steps_lost=0, steps_redone=0, data_lost=bool(unclear), seconds=time.perf_counter() - started,
+        detail={"caught_by": by, "unclear": unclear[:5]}), results
