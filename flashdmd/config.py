@@ -219,7 +219,7 @@ class EvalConfig:
     metrics: list[str] = field(default_factory=lambda: ["clip_score"])
     reference_images: str = ""  # folder or shards for FID
     weights: dict[str, str] = field(default_factory=dict)  # metric -> local folder or hub id; absent -> its default
-    every: int = 0  # evaluate checkpoints every N steps in a side job; 0 = off
+    every: int = 0  # watch job: evaluate checkpoints whose step is a multiple of N (0: every checkpoint it sees)
     seed: int = 10  # DMD2's COCO-10k seed (spec 6 #21)
     source: str = ""  # run dir, its final/ hand-over or a checkpoint step dir; "" -> the run dir
     out_dir: str = ""  # results (table, images) go to <out_dir>/step-<N>; "" -> <source run dir>/eval

@@ -45,13 +45,14 @@ def trained_run(tmp_path_factory) -> tuple[Config, Path]:
 
 
 def synthetic_handoff(root: Path, preset: str, *overrides: str, step: int = 7) -> tuple[Config, Path]:
-    """A hand-over whose generator is the teacher plus small seeded noise (so it differs from it)."""
+    """A hand-over whose generator is the teacher plus small seeded noise on its trainable tensors."""
     cfg = run_config(root, *overrides, preset=preset)
     parts = build_parts(cfg, root / "cache")
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in parts.generator.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+            if p.requires_grad:  # with LoRA: the adapters only (the hand-over holds nothing else)
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
     engine = LocalEngine("cpu")
     engine.setup({"generator": parts.generator}, {"generator": OptimSpec(lr=1e-8)}, {})
     write_handoff(engine, {"generator": parts.generator}, cfg, step, None)

@@ -81,11 +81,13 @@ def test_tiny_sdxl_export_matches_the_student_sampler(trained_run, tmp_path):
     assert "family: tiny-sdxl" in card
 
 
-@pytest.mark.slow
-def test_tiny_sd3_export_matches_the_student_sampler(tmp_path):
+def test_tiny_sd3_lora_export_matches_the_student_sampler(tmp_path):
+    """SD3 with LoRA (the paper's SD3 setting): adapters fused into the exported transformer."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    cfg, run_dir = synthetic_handoff(tmp_path, "tiny-sd3")
+    cfg, run_dir = synthetic_handoff(tmp_path, "tiny-sd3", "model.lora.enabled=true", "model.lora.rank=4")
+    handed = list(load_file(str(run_dir / "final" / "generator.safetensors")))
+    assert [k for k in handed if "lora" not in k] == ["model.pos_embed.pos_embed"]  # adapters and a buffer
     out = export_pipeline(cfg, run_dir, tmp_path / "pipe")
     meta = json.loads((out / EXPORT_META).read_text())
     assert meta["exact"] and meta["call_kwargs"]["num_inference_steps"] == 4
@@ -98,6 +100,12 @@ def test_tiny_sd3_export_matches_the_student_sampler(tmp_path):
     assert (pipe_img - ours_img).abs().max() < 1e-3
     card = (out / "README.md").read_text()
     assert "max_sequence_length" in card and "torch.manual_seed(0)" in card
+    fused = load_file(str(next((out / "transformer").glob("*.safetensors"))))
+    assert not any("lora" in k for k in fused)  # a plain model: adapters fused
+    teacher_dir = load_student(cfg, run_dir).extras["teacher_dir"]
+    teacher = load_file(str(next((teacher_dir / "transformer").glob("*.safetensors"))))
+    key = "transformer_blocks.0.attn.to_q.weight"
+    assert (fused[key] - teacher[key]).abs().max() > 1e-3  # the adapters changed the weights
 
 
 @pytest.mark.slow
