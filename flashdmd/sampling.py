@@ -4,7 +4,9 @@
 hand-over, else its newest valid checkpoint), a ``final/`` folder, or one checkpoint step
 directory. ``load_student(cfg, source)`` builds the family's networks (``build_parts``), loads
 the generator's trainable tensors into them and keeps what generation needs: generator, VAE
-decoder, text encoders. ``Student.generate(prompts, seeds)`` runs the LCM-style few-step sampler
+decoder, text encoders (and the frozen teacher, for the eval table's reference row,
+``TeacherBaseline``). Generation runs in the networks' own dtypes (fp32 generator masters), without
+autocast. ``Student.generate(prompts, seeds)`` runs the LCM-style few-step sampler
 of spec 1.2 (``flashdmd.diffusion.rollout``: predict x0 at each student timestep, re-noise with
 fresh noise to the next) without CFG, and decodes.
 
