@@ -399,3 +399,40 @@ def bad_configs(tmp: Path) -> tuple[Row, list[dict[str, Any]]]:
         if not unclear else f"FAILED: {len(unclear)} unclear"),
         steps_lost=0, steps_redone=0, data_lost=bool(unclear), seconds=time.perf_counter() - started,
         detail={"caught_by": by, "unclear": unclear[:5]}), results
+
+
+# -- 7. foreign checkpoints ----------------------------------------------------------------------------
+
+
+def foreign_checkpoint(root: Path, cache: Path) -> Row:
+    """A run directory holding another family's or another config's checkpoint is refused, naming the difference."""
+    from flashdmd.run.compat import IncompatibleCheckpoint
+    from flashdmd.train import main
+
+    started = time.perf_counter()
+    cfg = gmm_cfg(root, cache, "foreign", "stage1.iterations=2")
+    main(cfg, "stage1")
+    valid = latest_valid(cfg.checkpoint_dir)
+    before = {p.name: p.read_bytes() for p in valid.iterdir()}
+    messages = {}
+    other_steps = ["stage1.student_timesteps=[999,499]", "stage2.rl_transitions=[[999,499]]", "stage1.dm_steps=[]",
+                   "stage1.gan_steps=[]"]
+    try:
+        main(gmm_cfg(root, cache, "foreign", *other_steps), "stage1")
+    except IncompatibleCheckpoint as err:
+        messages["timesteps"] = str(err)
+    trainer_path = valid / "trainer.json"
+    trainer = json.loads(trainer_path.read_text())
+    trainer_path.write_text(json.dumps({**trainer, "family": "tiny-sdxl"}))
+    try:
+        main(gmm_cfg(root, cache, "foreign", "stage1.iterations=4"), "stage1")
+    except IncompatibleCheckpoint as err:
+        messages["family"] = str(err)
+    trainer_path.write_bytes(before["trainer.json"])
+    untouched = {p.name: p.read_bytes() for p in valid.iterdir()} == before
+    ok = ("student_timesteps: checkpoint [999, 749, 499, 249] != this run [999, 499]" in messages.get("timesteps", "")
+          and "family: checkpoint 'tiny-sdxl' != this run 'gmm2d'" in messages.get("family", "") and untouched)
+    return Row(fault="resume from another family's / config's checkpoint",
+               outcome="refused, naming what differs; checkpoint untouched" if ok else f"FAILED: {messages}",
+               steps_lost=0, steps_redone=0, data_lost=not untouched, seconds=time.perf_counter() - started,
+               detail={"messages": messages})
