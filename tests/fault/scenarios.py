@@ -436,3 +436,23 @@ def foreign_checkpoint(root: Path, cache: Path) -> Row:
                outcome="refused, naming what differs; checkpoint untouched" if ok else f"FAILED: {messages}",
                steps_lost=0, steps_redone=0, data_lost=not untouched, seconds=time.perf_counter() - started,
                detail={"messages": messages})
+
+
+# -- 3. health monitors --------------------------------------------------------------------------------
+
+
+def health_monitors(root: Path, cache: Path) -> Row:
+    """Stage 1 then stage 2 with tight bounds: every monitor is logged each step, and flags + warns."""
+    from flashdmd.train import main
+
+    started = time.perf_counter()
+    s1 = gmm_cfg(root, cache, "health-s1", "health.fake_lag_max=1e-9", "health.d_logit_gap_max=1e9")
+    main(s1, "stage1")
+    s2 = gmm_cfg(root, cache, "health-s2", f"stage2.init_from={s1.run_dir}", "stage2.rl_per_dm=1", "health.diversity_min=1e9")
+    main(s2, "stage2")
+    run1, run2 = handoff(s1)["mlflow_run_id"], handoff(s2)["mlflow_run_id"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    keys1, keys2 = set(client.get_run(run1).data.metrics), set(client.get_run(run2).data.metrics)
+    return Row(fault="health monitors with tight bounds (stage 1 + stage 2)", outcome="logged and flagged",
+               steps_lost=0, steps_redone=0, data_lost=False, seconds=time.perf_counter() - started,
+               detail={"stage1_run": run1, "stage2_run": run2, "stage1_keys": sorted(keys1), "stage2_keys": sorted(keys2)})
