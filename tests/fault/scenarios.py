@@ -456,3 +456,63 @@ def health_monitors(root: Path, cache: Path) -> Row:
     return Row(fault="health monitors with tight bounds (stage 1 + stage 2)", outcome="logged and flagged",
                steps_lost=0, steps_redone=0, data_lost=False, seconds=time.perf_counter() - started,
                detail={"stage1_run": run1, "stage2_run": run2, "stage1_keys": sorted(keys1), "stage2_keys": sorted(keys2)})
+
+
+# -- 5. corrupt data -----------------------------------------------------------------------------------
+
+SAMPLES = 1000
+MAX_BAD = 0.05
+
+
+def corrupt_shards(out: Path, rate: float) -> tuple[str, set[str], set[str]]:
+    """``SAMPLES`` toy samples in 8 real tar shards, every ``1/rate``-th one's image bytes garbage."""
+    from data_tools.make_shards import write_shards
+    from data_tools.make_toy_shards import toy_samples
+
+    n_bad = round(SAMPLES * rate)
+    bad = {f"{i:08d}" for i in range(0, SAMPLES, SAMPLES // n_bad)} if n_bad else set()
+
+    def samples() -> Iterator[dict[str, Any]]:
+        for sample in toy_samples(SAMPLES, size=16):
+            if sample["__key__"] in bad:
+                sample = {**sample, "png": b"\x89PNG but not really" + sample["__key__"].encode()}
+            yield sample
+
+    write_shards(samples(), out, "part", maxcount=SAMPLES // 8)
+    good = {f"{i:08d}" for i in range(SAMPLES)} - bad
+    return f"{out}/part-{{000000..000007}}.tar", good, bad
+
+
+def corrupt_data(root: Path, rate: float) -> Row:
+    """One epoch of the trainer's image stream over shards with ``rate`` corrupt samples."""
+    from flashdmd.data import DataError, build_image_loader
+
+    started = time.perf_counter()
+    pattern, good, bad = corrupt_shards(root / f"shards-{rate}", rate)
+    cfg = load_config("tiny-sdxl", [
+        f"data.shards={pattern}", "data.resolution=16", "data.batch_size=8", "data.shuffle_buffer=0",
+        "data.resampled=false", f"data.epoch_length={SAMPLES // 8}", f"data.max_bad_fraction={MAX_BAD}",
+        "data.bad_check_after=100",
+    ])
+    loader = build_image_loader(cfg, 0, 1)
+    keys: list[str] = []
+    error = ""
+    try:
+        for batch in loader:
+            keys.extend(batch["key"])
+    except DataError as err:
+        error = str(err)
+    counts = loader.bad_counts()
+    label = f"{rate:.1%} corrupt images ({len(bad)} of {SAMPLES}), max_bad_fraction={MAX_BAD}"
+    if rate <= MAX_BAD:
+        # every good sample delivered (the epoch is topped up to data.epoch_length batches), no bad one, each counted
+        lost = good - set(keys)
+        ok = not error and counts == {"corrupt_image": len(bad)} and not lost
+        outcome = f"completed; skipped and counted {counts}" if ok else f"FAILED: {error or counts}"
+        return Row(fault=label, outcome=outcome, steps_lost=0, steps_redone=0, data_lost=not ok or bool(set(keys) & bad),
+                   seconds=time.perf_counter() - started,
+                   detail={"delivered": len(keys), "distinct": len(set(keys)), "counts": counts, "undelivered_good": len(lost)})
+    ok = "data.max_bad_fraction=0.05" in error and "corrupt_image" in error and "part-000000.tar" in error
+    return Row(fault=label, outcome="stopped with a clear error" if ok else f"FAILED: {error!r}", steps_lost=0,
+               steps_redone=0, data_lost=not ok, seconds=time.perf_counter() - started,
+               detail={"error": error, "delivered_before_stop": len(keys)})

@@ -1,0 +1,20 @@
+"""Issue 11 item 5: corrupt images at 0.1 %, 1 % and 10 % of 1000 samples in real tar shards,
+read through the trainer's image stream with data.max_bad_fraction=0.05: below the threshold the
+epoch completes with every good sample delivered and every bad one counted; above it the stream
+stops with an error naming the fraction, the rule, the reason and the shard."""
+from __future__ import annotations
+
+import pytest
+
+import scenarios
+
+
+@pytest.mark.parametrize("rate", [0.001, 0.01, 0.1])
+def test_corrupt_fraction(tmp_path, rate):
+    row = scenarios.corrupt_data(tmp_path, rate)
+    assert not row.data_lost and "FAILED" not in row.outcome, row
+    if rate < scenarios.MAX_BAD:
+        assert row.detail["counts"] == {"corrupt_image": round(scenarios.SAMPLES * rate)}
+        assert row.detail["undelivered_good"] == 0
+    else:  # judged after data.bad_check_after=100 items: stops within the first shard
+        assert row.detail["delivered_before_stop"] < 100
