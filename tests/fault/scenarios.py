@@ -516,3 +516,63 @@ def corrupt_data(root: Path, rate: float) -> Row:
     return Row(fault=label, outcome="stopped with a clear error" if ok else f"FAILED: {error!r}", steps_lost=0,
                steps_redone=0, data_lost=not ok, seconds=time.perf_counter() - started,
                detail={"error": error, "delivered_before_stop": len(keys)})
+
+
+# -- 6. MLflow server killed mid-run ---------------------------------------------------------------------
+
+OUTAGE_ITERATIONS = 30
+
+
+def mlflow_outage(root: Path, cache: Path) -> Row:
+    """kill -9 of the MLflow server at step >= 5, restarted at step >= 15 on the same port and store."""
+    import signal
+
+    from mlflow_server import MlflowServer
+
+    started = time.perf_counter()
+    server = MlflowServer(root / "server", port=free_port()).start()
+    overrides = gmm_overrides(root, cache, "outage", f"tracking.uri={server.uri}",
+                              f"stage1.iterations={OUTAGE_ITERATIONS}", "checkpoint.every=10")
+    cfg = load_config("gmm2d", overrides)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+               MLFLOW_HTTP_REQUEST_TIMEOUT="5", **{FAULTS_ENV: "delay@0:ms=150"})
+    log_path = root / "outage-train.log"
+    events: dict[str, int] = {}
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "flashdmd.train", "--job", "stage1", "--config", "gmm2d",
+                                     *overrides], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.time() + 300
+            while proc.poll() is None and time.time() < deadline:
+                step = max(jsonl_steps(cfg), default=0)
+                if "killed_at" not in events and step >= 5:
+                    os.killpg(server.proc.pid, signal.SIGKILL)
+                    server.proc.wait()
+                    server.proc = None
+                    events["killed_at"] = step
+                elif "killed_at" in events and "restarted_at" not in events and step >= 15:
+                    events["restarted_at"] = step
+                    server.start()
+                time.sleep(0.05)
+            if proc.poll() is None:
+                proc.kill()
+            events["returncode"] = proc.wait()
+        if "restarted_at" not in events:  # the run ended first: bring the server back to read it
+            server.start()
+        run_id = handoff(cfg)["mlflow_run_id"]
+        client = mlflow.MlflowClient(tracking_uri=server.uri)
+        deadline = time.time() + 60  # the trainer's writer has delivered at close; allow the store to settle
+        steps = metric_steps(root, run_id, "loss_fake", uri=server.uri)
+        while steps != list(range(1, OUTAGE_ITERATIONS + 1)) and time.time() < deadline:
+            time.sleep(1)
+            steps = metric_steps(root, run_id, "loss_fake", uri=server.uri)
+        status = client.get_run(run_id).info.status
+    finally:
+        server.stop()
+    missing = len(set(range(1, OUTAGE_ITERATIONS + 1)) - set(steps))
+    ok = events.get("returncode") == 0 and "restarted_at" in events and missing == 0 and status == "FINISHED"
+    return Row(fault="MLflow server kill -9 mid-run, restarted later",
+               outcome=(f"training went on (killed at step {events.get('killed_at')}, back at step "
+                        f"{events.get('restarted_at')}); every step in the run" if ok else f"FAILED: {events} {status}"),
+               steps_lost=missing, steps_redone=0, data_lost=not ok, seconds=time.perf_counter() - started,
+               detail={**events, "metric_steps": len(steps), "status": status})
