@@ -254,7 +254,7 @@ def sample_prompts(cfg: Config) -> list[str]:
         return list(cfg.sample.prompts)
     if cfg.sample.prompts_file:
         return load_prompts(cfg.sample.prompts_file)
-    raise ConfigError("the sample job needs prompts: set sample.prompts=[...] or sample.prompts_file=FILE")
+    return list(cfg.tracking.sample_prompts)  # the prompts of the training run's sample grids
 
 
 def run_sample(cfg: Config, device: torch.device | str = "cpu") -> Path:

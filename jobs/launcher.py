@@ -32,7 +32,10 @@ from jobs.plan import JobPlan
 ENTRIES = {
     "stage1": "flashdmd.train:main",
     "stage2": "flashdmd.train:main",
-    "export": "flashdmd.export:main",
+    "export": "flashdmd.pipeline_export:main",
+    "sample": "flashdmd.sampling:main",
+    "eval": "flashdmd.evaluate:main",
+    "watch": "flashdmd.eval_watch:main",
 }
 
 
@@ -105,11 +108,28 @@ class Submitted:
         return "\n".join(lines)
 
 
+# local paths a job reads or writes; hub ids and URLs in other keys are left alone
+PATH_KEYS = (
+    ("checkpoint", "dir"), ("model", "cache_dir"), ("data", "shards"), ("data", "prompts"), ("stage2", "init_from"),
+    ("eval", "prompts"), ("eval", "reference_images"), ("eval", "source"), ("eval", "out_dir"),
+    ("sample", "source"), ("sample", "prompts_file"), ("sample", "out_dir"), ("export", "source"), ("export", "out_dir"),
+)
+
+
+def _absolute_path(value: str) -> str:
+    """A relative local path (or shard pattern) made absolute; URLs, pipes and empty values unchanged."""
+    if not value or "://" in value or value.startswith("pipe:") or Path(value).is_absolute():
+        return value
+    path = Path(value)
+    return str(path.resolve()) if path.exists() or path.parent.exists() else value
+
+
 def absolute(cfg: Config) -> Config:
     """Paths the job sees must not depend on the directory it starts in."""
     cfg.run_root = str(Path(cfg.run_root).resolve())
-    if cfg.checkpoint.dir:
-        cfg.checkpoint.dir = str(Path(cfg.checkpoint.dir).resolve())
+    for section, key in PATH_KEYS:
+        obj = getattr(cfg, section)
+        setattr(obj, key, _absolute_path(getattr(obj, key)))
     return cfg
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from flashdmd.config import Config, diff, load_config, to_yaml
 
-JOBS = ("stage1", "stage2", "pipeline", "export")
+JOBS = ("stage1", "stage2", "pipeline", "export", "sample", "eval", "watch")
 PIPELINE = ("stage1", "stage2")  # stage 2 runs after stage 1 succeeded (afterok), from its run directory
 
 
