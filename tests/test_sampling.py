@@ -100,10 +100,17 @@ def test_sample_job_writes_grid_files_and_seeds(trained_run, tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(files, again))
 
 
-def test_sample_job_without_prompts_says_what_to_set(trained_run, capsys):
-    cfg, run_dir = trained_run
-    code = cli(["--config", "tiny-sdxl", "--source", str(run_dir), f"run_root={cfg.run_root}"])
-    assert code == 2 and "sample.prompts" in capsys.readouterr().err
+def test_sample_prompts_precedence(tmp_path):
+    from flashdmd.config import load_config
+    from flashdmd.sampling import sample_prompts
+
+    cfg = load_config("tiny-sdxl", ["tracking.sample_prompts=[a cat, a dog]"])
+    assert sample_prompts(cfg) == ["a cat", "a dog"]  # nothing set: the training run's grid prompts
+    (tmp_path / "p.txt").write_text("one\ntwo\nthree\n")
+    cfg.sample.prompts_file = str(tmp_path / "p.txt")
+    assert sample_prompts(cfg) == ["one", "two", "three"]
+    cfg.sample.prompts = ["explicit"]
+    assert sample_prompts(cfg) == ["explicit"]
 
 
 def test_jobs_under_default_names_find_the_training_run(trained_run, tmp_path):
