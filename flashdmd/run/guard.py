@@ -1,8 +1,9 @@
 """Non-finite steps: count, skip together, roll back or stop (issue 11, item 2; config ``health``).
 
-The engines already refuse an optimizer update whose gradient norm is NaN or Inf (the norm is of
-all-reduced / global gradients, so every rank refuses the same one) and report it as
-``<net>_skipped``. After each iteration the trainer hands the metrics to ``StepGuard.check``,
+The local/DDP and FSDP engines refuse an optimizer update when its loss or gradient norm is NaN
+or Inf on any rank (one all-reduced flag, so every rank refuses the same one) and report it as
+``<net>_skipped``. Departure: the DeepSpeed engine does not skip by itself (its own overflow check
+covers fp16 only); there a non-finite loss is still counted here and leads to the rollback. After each iteration the trainer hands the metrics to ``StepGuard.check``,
 which decides for the whole job: a step is bad when any rank saw a non-finite loss, gradient
 norm or a skipped update (one all-reduce of a flag, so ranks can never disagree). Bad steps are
 counted; after ``health.max_consecutive_nonfinite`` in a row the guard answers ``rollback``
@@ -35,8 +36,12 @@ class TrainingHealthError(RuntimeError):
 
 
 def non_finite(metrics: dict[str, float]) -> dict[str, float]:
-    """The metrics that show a bad step: non-finite values and skipped updates."""
-    return {k: v for k, v in metrics.items() if not math.isfinite(v) or (k.endswith("skipped") and v > 0)}
+    """The metrics that show a bad step: skipped updates and non-finite losses (or other values).
+
+    A gradient norm alone is not judged: the local and FSDP engines report a non-finite one
+    together with ``<net>_skipped``, and DeepSpeed's may be NaN when it has none to report."""
+    return {k: v for k, v in metrics.items()
+            if (k.endswith("skipped") and v > 0) or (not math.isfinite(v) and not k.endswith("grad_norm"))}
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -102,7 +107,7 @@ class StepGuard:
         return TrainingHealthError(
             f"{self.consecutive} consecutive steps ({self._first_bad}..{step}) had a non-finite loss or gradient "
             f"(last: {_show(self._last_bad) or 'on another rank'}); stopping because {why}. Lower the learning rates "
-            f"(stage1.*_lr), raise stage1.grad_clip's strictness, check the data, or set health.on_nonfinite / "
+            f"(stage1.*_lr) or stage1.grad_clip, check the data, or change health.on_nonfinite / "
             f"health.max_rollbacks."
         )
 

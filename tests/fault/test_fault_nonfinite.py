@@ -75,3 +75,21 @@ def test_consecutive_bad_steps_stop_with_a_clear_message(tmp_path, gmm_cache):
 def test_bad_step_on_one_rank_is_skipped_on_both(tmp_path, gmm_cache):
     row = scenarios.nonfinite_two_ranks(tmp_path, gmm_cache)
     assert not row.data_lost and row.steps_lost == 0, row
+
+
+def test_guard_counts_and_a_resumed_run_keeps_the_lowered_rates():
+    from flashdmd.config import HealthConfig
+    from flashdmd.run.guard import OK, ROLLBACK, SKIPPED, StepGuard, TrainingHealthError
+
+    guard = StepGuard(HealthConfig(max_consecutive_nonfinite=2, max_rollbacks=1), _engine())
+    assert guard.check(1, {"loss": 1.0, "net_grad_norm": float("nan")}) == OK  # a norm alone is not judged
+    assert guard.check(2, {"loss": float("inf")}) == SKIPPED
+    assert guard.check(3, {"net_skipped": 1.0}) == ROLLBACK
+    guard.rolled_back(1)
+    assert guard.engine.schedules["net"].lr == pytest.approx(0.05)
+    fresh = StepGuard(HealthConfig(), _engine())  # the restarted job: a new engine at the configured rate
+    fresh.load_state_dict(guard.state_dict())
+    assert fresh.engine.schedules["net"].lr == pytest.approx(0.05) and fresh.skipped == 2 and fresh.rollbacks == 1
+    assert guard.check(4, {"loss": float("nan")}) == SKIPPED
+    with pytest.raises(TrainingHealthError, match=r"2 consecutive steps \(4\.\.5\).*max_rollbacks=1"):
+        guard.check(5, {"loss": float("nan")})
