@@ -252,7 +252,7 @@ def nonfinite_rollback(root: Path, cache: Path) -> Row:
           and math.isclose(lr[4], cfg.stage1.fake_lr) and scale[ITERATIONS] == 0.5 and trainer["guard"]["rollbacks"] == 1)
     return Row(fault="NaN gradients 3 steps in a row (steps 5-7)",
                outcome="rolled back to step 6 at 0.5x learning rates; run finished" if ok else f"FAILED: {lr} {scale}",
-               steps_lost=_missing_steps(steps), steps_redone=1, data_lost=not ok,
+               steps_lost=_missing_steps(steps), steps_redone=1, data_lost=not ok,  # step 7, run again after the rollback
                seconds=time.perf_counter() - started, detail={"fake_score_lr": lr, "guard": trainer["guard"]})
 
 
@@ -453,9 +453,20 @@ def health_monitors(root: Path, cache: Path) -> Row:
     run1, run2 = handoff(s1)["mlflow_run_id"], handoff(s2)["mlflow_run_id"]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     keys1, keys2 = set(client.get_run(run1).data.metrics), set(client.get_run(run2).data.metrics)
-    return Row(fault="health monitors with tight bounds (stage 1 + stage 2)", outcome="logged and flagged",
-               steps_lost=0, steps_redone=0, data_lost=False, seconds=time.perf_counter() - started,
-               detail={"stage1_run": run1, "stage2_run": run2, "stage1_keys": sorted(keys1), "stage2_keys": sorted(keys2)})
+    every = list(range(1, ITERATIONS + 1))
+    logged = {key: metric_steps(root, run1, key) == every for key in (
+        "health/fake_lag", "health/d_logit_gap", "health/latent_mean_drift", "health/latent_std_drift",
+        "health/out_of_bounds/fake_lag")}
+    logged["health/dm_grad_norm/t*"] = any(k.startswith("health/dm_grad_norm/t") for k in keys1)
+    logged.update({key: metric_steps(root, run2, key) == [1, 2, 3] for key in (
+        "health/reward", "health/diversity", "health/out_of_bounds/diversity")})
+    ok = all(logged.values())
+    return Row(fault="health monitors with tight bounds (stage 1 + stage 2)",
+               outcome="every monitor logged at every step; out-of-bounds ones flagged and warned" if ok
+               else f"FAILED: {logged}",
+               steps_lost=0, steps_redone=0, data_lost=not ok, seconds=time.perf_counter() - started,
+               detail={"stage1_run": run1, "stage2_run": run2, "stage1_keys": sorted(keys1), "stage2_keys": sorted(keys2),
+                       "logged": logged})
 
 
 # -- 5. corrupt data -----------------------------------------------------------------------------------
