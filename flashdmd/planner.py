@@ -16,7 +16,9 @@ estimates, per GPU:
   The discriminator's frozen SAM backbone lives inside it and is sharded with it.
 - frozen networks (teacher, VAE, text encoders, LRM and the stage-2 reference) in
   ``model.dtype``, replicated; the teacher (and reference) sharded with ``teacher_sharding=zero3``.
-- sharded engines' working set: two gathered blocks (current + prefetch) of the largest block.
+- sharded engines' working set: FSDP2 gathers a whole block (``engine.common.block_modules``:
+  for SDXL an up block of 1.2 B parameters) plus the prefetched next one; ZeRO-3 holds at most
+  ``stage3_max_live_parameters`` (default 1e9) gathered parameters.
 - activations (rough): tensors autograd saves for backward, recorded with saved-tensor hooks
   while the real modules run forward on meta tensors, at the per-GPU batch and resolution, scaled
   from fp32 to the compute dtype. Attention is counted as flash attention would keep it (q, k,
@@ -49,6 +51,7 @@ GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 REAL_TEXT_LENGTH = 77  # CLIP context length
 REAL_T5_LENGTH = 256  # flashdmd.nets.registry: T5 slot length of real SD3
+DS_MAX_LIVE_PARAMETERS = 10**9  # DeepSpeed's default stage3_max_live_parameters (flashdmd keeps it)
 
 # -- real architectures (public config.json values of the checkpoints the presets name) ---------
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768)  # every other value is diffusers' default
@@ -440,16 +443,19 @@ def plan(cfg: Config, world_size: int, stage: int = 1, gpu_mem_gib: float = 80.0
     if stage == 2:  # spec 2.4: the frozen pre-RL generator (a deepcopy: fp32)
         counts["reference"] = (n_student, 0)
         rows.append(Row("reference", 4 * n_student // teacher_world))
-    if e.kind != "local":
-        biggest = max(largest_block(arch.denoiser), largest_block(arch.sam))
-        rows.append(Row("gathered blocks", 2 * compute * biggest))
+    if e.kind != "local":  # FSDP2 gathers whole blocks (current + prefetched); ZeRO-3 caps live parameters
+        gathered = 2 * max(largest_block(arch.denoiser), largest_block(arch.sam))
+        if e.kind == "deepspeed":
+            gathered = min(gathered, DS_MAX_LIVE_PARAMETERS)
+        rows.append(Row("gathered blocks", compute * gathered))
     if with_activations:
         latent = family.latent_shape(cfg.data.resolution)
         act = activations(arch, cfg.data.batch_size, cfg.data.resolution, latent, compute)
         gen = act.generator_gc if e.gradient_checkpointing else act.generator
         branches = 1 if cfg.stage1.mode == "dmd2" else 2
         disc = act.discriminator_gc if e.gradient_checkpointing else act.discriminator
-        rows.append(Row("activations", 0, activations=branches * gen + act.decoder + disc))
+        rows += [Row(f"act: generator x{branches}", 0, activations=branches * gen),
+                 Row("act: VAE decode", 0, activations=act.decoder), Row("act: SAM + heads", 0, activations=disc)]
     settings = {"engine": e.kind, "precision": e.precision, "model.dtype": cfg.model.dtype,
                 "lora": lora.enabled, "batch/GPU": cfg.data.batch_size, "resolution": cfg.data.resolution,
                 "gradient_checkpointing": e.gradient_checkpointing, "offload_optimizer": host_opt,
