@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import sys
 import pstats
+import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-import torch
+from _common import REPO, tiny_config, write_result
 from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
-
-from _common import REPO, tiny_config, write_result
 
 SYNC_OP, COPY_OP = "aten::_local_scalar_dense", "aten::copy_"
 READS = {"item", "tolist", "__float__", "__int__", "__bool__", "numpy"}
@@ -147,8 +145,8 @@ def main() -> None:
         "top_ops": ops, "top_repo_functions": ours[:12],
     }
     lines = [f"stage-1 trainer iteration (tiny-sdxl, local, toy shards): {wall:.3f} s under the profiler",
-             f"per iteration: {SYNC_OP} {result['local_scalar_dense_per_iter']:.0f} (mostly AdamW step counters), "
-             f"{COPY_OP} {result['copy_ops_per_iter']:.0f}, text encodings {result['text_encodings_per_iter']:.1f}",
+             (f"per iteration: {SYNC_OP} {result['local_scalar_dense_per_iter']:.0f} (mostly AdamW step counters), "
+             f"{COPY_OP} {result['copy_ops_per_iter']:.0f}, text encodings {result['text_encodings_per_iter']:.1f}"),
              f"tensor reads into Python from flashdmd code: {sum(tally.reads.values()) / args.iters:.1f} per iteration",
              *(f"  {n / args.iters:5.1f}  {where}" for where, n in tally.reads.most_common()),
              f"copying .to/.clone/.contiguous from flashdmd code: {sum(tally.copies.values()) / args.iters:.1f} per iteration",

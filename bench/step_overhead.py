@@ -20,9 +20,8 @@ import statistics
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-
 from _common import fixed_batch, interleaved, paired_ratio, summary, tiny_config, write_result
+from torch import Tensor, nn
 
 GOAL = 1.05
 
@@ -145,8 +144,8 @@ def main() -> None:
         "| path | median s/it | mean s/it | min s/it |", "|---|---|---|---|",
         f"| trainer (Stage1 + LocalEngine + loop extras) | {tr['median_s']:.4f} | {tr['mean_s']:.4f} | {tr['min_s']:.4f} |",
         f"| hand-written loop | {hd['median_s']:.4f} | {hd['mean_s']:.4f} | {hd['min_s']:.4f} |",
-        f"\ntrainer / hand: median of paired ratios {ratio:.3f} (quartiles {spread[0]:.3f}..{spread[2]:.3f}); "
-        f"goal <= {GOAL} -> {'met' if ratio <= GOAL else 'NOT met'}",
+        (f"\ntrainer / hand: median of paired ratios {ratio:.3f} (quartiles {spread[0]:.3f}..{spread[2]:.3f}); "
+        f"goal <= {GOAL} -> {'met' if ratio <= GOAL else 'NOT met'}"),
         f"same math: max |generator weight difference| after {args.warmup + args.iters} iterations = {diff:.3g}",
     ])
     write_result("step_overhead", {

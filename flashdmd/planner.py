@@ -39,8 +39,9 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any, Self
 
 import torch
 from torch import Tensor, nn
@@ -54,28 +55,28 @@ REAL_T5_LENGTH = 256  # flashdmd.nets.registry: T5 slot length of real SD3
 DS_MAX_LIVE_PARAMETERS = 10**9  # DeepSpeed's default stage3_max_live_parameters (flashdmd keeps it)
 
 # -- real architectures (public config.json values of the checkpoints the presets name) ---------
-SD15_UNET = dict(sample_size=64, cross_attention_dim=768)  # every other value is diffusers' default
-SDXL_UNET = dict(
-    sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(320, 640, 1280),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816)
-SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
-                  attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-                  caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192)
-SD_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-              block_out_channels=(128, 256, 512, 512), layers_per_block=2)
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-              num_attention_heads=12, max_position_embeddings=77, projection_dim=768)
-CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                 num_attention_heads=20, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              feed_forward_proj="gated-gelu")
+SD15_UNET = {"sample_size": 64, "cross_attention_dim": 768}  # every other value is diffusers' default
+SDXL_UNET = {
+    "sample_size": 128, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), "block_out_channels": (320, 640, 1280),
+    "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048,
+    "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816}
+SD3_MEDIUM = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 192}
+SD_VAE = {"down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2}
+CLIP_L = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768}
+CLIP_BIGG = {"vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+    "num_attention_heads": 20, "max_position_embeddings": 77, "projection_dim": 1280, "hidden_act": "gelu"}
+T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+    "feed_forward_proj": "gated-gelu"}
 SAM = {  # vision encoders of facebook/sam-vit-{base,large,huge}
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11]),
-    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, global_attn_indexes=[5, 11, 17, 23]),
-    "huge": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, global_attn_indexes=[7, 15, 23, 31]),
+    "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "global_attn_indexes": [2, 5, 8, 11]},
+    "large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "global_attn_indexes": [5, 11, 17, 23]},
+    "huge": {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16, "global_attn_indexes": [7, 15, 23, 31]},
 }
 
 
@@ -92,7 +93,7 @@ class Architecture:
     text_length: int  # tokens of the denoiser's text conditioning
     lrm: bool  # whether a latent reward model is loaded (tiny families always; real: model.reward_model)
     taps: list[int] = field(default_factory=list)
-    probed: dict[tuple[int, int], "Activations"] = field(default_factory=dict)  # (batch, resolution) -> fp32 bytes
+    probed: dict[tuple[int, int], Activations] = field(default_factory=dict)  # (batch, resolution) -> fp32 bytes
 
 
 def _meta(build: Callable[[], nn.Module]) -> nn.Module:
@@ -111,8 +112,15 @@ def _sam_size(name: str) -> str:
 def architecture(cfg: Config) -> Architecture:
     """Meta-device instances of ``cfg.model.family``'s networks (tiny: the tiny configs)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
-    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, SamVisionConfig,
-                              SamVisionModel, T5Config, T5EncoderModel)
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        SamVisionConfig,
+        SamVisionModel,
+        T5Config,
+        T5EncoderModel,
+    )
 
     from flashdmd.nets.discriminator import PixelGANDiscriminator, SamBackbone
     from flashdmd.nets.families import get_family
@@ -121,7 +129,7 @@ def architecture(cfg: Config) -> Architecture:
         raise ConfigError("the planner covers image families (sd15, sdxl, sd3 and tiny-*), not gmm2d")
     family = get_family(cfg.model.family)
     if family.tiny:
-        from flashdmd.nets.tiny import TOKEN_LENGTH, T5_LENGTH, tiny_sam_config, tiny_teacher_pipeline
+        from flashdmd.nets.tiny import T5_LENGTH, TOKEN_LENGTH, tiny_sam_config, tiny_teacher_pipeline
 
         pipe = tiny_teacher_pipeline(family)  # tiny: built for real (seconds), then moved to meta
         denoiser = (pipe.transformer if family.kind == "sd3" else pipe.unet).to("meta")
@@ -211,7 +219,7 @@ class _SavedBytes:
             self.tensors[id(t)] = t
         return t
 
-    def __enter__(self) -> "_SavedBytes":
+    def __enter__(self) -> Self:
         import torch.nn.functional as F
 
         self._sdpa = F.scaled_dot_product_attention
@@ -511,11 +519,11 @@ def cheapest_fix(cfg: Config, world_size: int, stage: int, gpu_mem_gib: float, r
 
 
 def render(p: Plan) -> str:
-    gib = lambda b: f"{b / GIB:8.2f}"  # noqa: E731
+    gib = lambda b: f"{b / GIB:8.2f}"
     lines = [f"{p.family} on {p.world_size} GPU(s), engine {p.engine}: "
              + ", ".join(f"{k}={v}" for k, v in p.settings.items()),
-             f"{'network':<16}{'params M':>10}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'GPU GiB':>9}"
-             f"{'host GiB':>9}"]
+             (f"{'network':<16}{'params M':>10}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'GPU GiB':>9}"
+             f"{'host GiB':>9}")]
     for r in p.rows:
         n = p.counts.get(r.network, (0, 0))[0]
         lines.append(f"{r.network:<16}{n / 1e6:>10.1f}{gib(r.params)}{gib(r.grads)}{gib(r.optimizer)}"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_world import run_ranks, stage1_batch
 from torch import Tensor
 
-from engine_world import run_ranks, stage1_batch
 from flashdmd.config import load_config
 from flashdmd.planner import GIB, architecture, count, lora_count, plan
 
