@@ -28,8 +28,10 @@ def _missing(key: str, value: str, what: str) -> str | None:
     return None if path.exists() else f"{key}={value!r}: {what} does not exist"
 
 
-def preflight_problems(cfg: Config, job: str) -> list[str]:
-    """Every missing input of ``job`` under ``cfg``, one message per key (empty when all is there)."""
+def preflight_problems(cfg: Config, job: str, init_from_pending: bool = False) -> list[str]:
+    """Every missing input of ``job`` under ``cfg``, one message per key (empty when all is there).
+
+    ``init_from_pending``: stage 2 of a pipeline, whose ``stage2.init_from`` stage 1 has yet to write."""
     problems: list[str | None] = []
     model = cfg.model
     for key, value in (("model.teacher", model.teacher), ("model.vae", model.vae), ("model.sam", model.sam),
@@ -46,7 +48,7 @@ def preflight_problems(cfg: Config, job: str) -> list[str]:
             problems.append(str(err))
         if cfg.data.prompts and ":" not in cfg.data.prompts.split("/", 1)[0]:
             problems.append(_missing("data.prompts", cfg.data.prompts, "the prompt file"))
-    if job == "stage2" and cfg.stage2.init_from:
+    if job == "stage2" and cfg.stage2.init_from and not init_from_pending:
         problems.append(_missing("stage2.init_from", cfg.stage2.init_from, "the stage-1 run directory"))
     for key, value in (("eval.prompts", cfg.eval.prompts), ("eval.reference_images", cfg.eval.reference_images),
                        ("sample.prompts_file", cfg.sample.prompts_file)):
@@ -57,6 +59,14 @@ def preflight_problems(cfg: Config, job: str) -> list[str]:
 
 def preflight(cfg: Config, job: str) -> None:
     """Raise ConfigError listing every missing input of ``job``; call before submitting it."""
-    problems = preflight_problems(cfg, job)
+    preflight_all([(job, cfg)])
+
+
+def preflight_all(configs: list[tuple[str, Config]]) -> None:
+    """``preflight`` for the (job, config) list of jobs/submit.py, stage 2 of a pipeline after its stage 1."""
+    problems = []
+    for i, (job, cfg) in enumerate(configs):
+        pending = job == "stage2" and any(earlier == "stage1" for earlier, _ in configs[:i])
+        problems += [f"{job}: {p}" if len(configs) > 1 else p for p in preflight_problems(cfg, job, pending)]
     if problems:
         raise ConfigError("missing inputs:\n  - " + "\n  - ".join(problems))

@@ -363,7 +363,7 @@ def check_variant(variant: dict[str, Any]) -> dict[str, Any]:
     import traceback
 
     from flashdmd.config import ConfigError
-    from flashdmd.preflight import preflight
+    from flashdmd.preflight import preflight_all
     from jobs import submit
 
     argv = [variant["job"], "--config", variant["config"], "--dry-run", *variant["overrides"]]
@@ -375,9 +375,7 @@ def check_variant(variant: dict[str, Any]) -> dict[str, Any]:
         if rc != 0:
             caught_by, message = "submit --dry-run", err.getvalue()
         else:
-            args = submit.parse_args(argv)
-            for job, cfg in submit.resolve_all(args):
-                preflight(cfg, job)
+            preflight_all(submit.resolve_all(submit.parse_args(argv)))
     except ConfigError as error:
         caught_by, message = "preflight", str(error)
     except SystemExit as error:  # argparse's own usage error

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 import scenarios
-from flashdmd.config import load_config
-from flashdmd.preflight import preflight_problems
+from flashdmd.config import ConfigError, load_config
+from flashdmd.preflight import preflight_all, preflight_problems
 
 
 def test_hundred_mutated_configs_fail_clearly_before_submission(tmp_path):
@@ -39,3 +41,13 @@ def test_preflight_passes_existing_inputs_and_names_missing_ones(tmp_path):
     missing = load_config("tiny-sdxl", [f"data.shards={tmp_path}/none-{{0..1}}.tar", "stage2.init_from=/nope"])
     problems = preflight_problems(missing, "stage2")
     assert len(problems) == 2 and "none of its 2 shard files exist" in problems[0] and "stage2.init_from='/nope'" in problems[1]
+
+
+def test_preflight_of_a_pipeline_waits_for_stage1_output(tmp_path):
+    shards = tmp_path / "s-000000.tar"
+    shards.write_bytes(b"")
+    stage1 = load_config("tiny-sdxl", [f"data.shards={shards}"])
+    stage2 = load_config("tiny-sdxl", [f"data.shards={shards}", f"stage2.init_from={tmp_path}/not-yet"])
+    preflight_all([("stage1", stage1), ("stage2", stage2)])  # stage 1 writes init_from
+    with pytest.raises(ConfigError, match="stage2.init_from="):
+        preflight_all([("stage2", stage2)])
