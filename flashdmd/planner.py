@@ -32,7 +32,7 @@ estimates, per GPU:
 Host memory of the offloaded states is reported separately. ``tests/test_planner.py`` checks the
 parameter, gradient and optimizer rows against the real local and FSDP2 engines on tiny-sdxl.
 
-    python -m flashdmd.planner --config sdxl-4step --nodes 4 [--gpus-per-node 8] [--gpu-mem 80]
+    python -m flashdmd.planner --config sdxl-4step --nodes 4 [--gpus-per-node 8] [--gpu-mem 80] [--matrix]
 """
 from __future__ import annotations
 
@@ -537,6 +537,36 @@ def render(p: Plan) -> str:
     return "\n".join(lines)
 
 
+# The engine layouts the matrix compares (issue 10: local, FSDP2 and ZeRO-3, with and without offload).
+LAYOUTS: dict[str, list[str]] = {
+    "local (DDP replicas)": ["engine.kind=local"],
+    "FSDP2": ["engine.kind=fsdp"],
+    "FSDP2 + CPU offload": ["engine.kind=fsdp", "engine.offload_optimizer=true"],
+    "ZeRO-3": ["engine.kind=deepspeed"],
+    "ZeRO-3 + optimizer offload": ["engine.kind=deepspeed", "engine.offload_optimizer=true"],
+    "ZeRO-3 + optimizer and parameter offload": ["engine.kind=deepspeed", "engine.offload_optimizer=true",
+                                                 "engine.offload_params=true"],
+}
+
+
+def matrix(cfg: Config, world_size: int, stage: int = 1, gpu_mem_gib: float = 80.0, reserve_gib: float = 2.0) -> str:
+    """Per-GPU GiB of every engine layout, with and without gradient checkpointing."""
+    arch = architecture(cfg)
+    lines = [(f"{cfg.model.family}, {world_size} GPU(s), batch {cfg.data.batch_size}/GPU at {cfg.data.resolution} px, "
+              f"{gpu_mem_gib:.0f} GiB GPUs ({reserve_gib:.1f} GiB reserve)"),
+             f"{'layout':<42}{'no checkpointing':>18}{'checkpointing':>16}{'host GiB':>10}"]
+    for name, overrides in LAYOUTS.items():
+        cells, host = [], 0
+        for gc in ("false", "true"):
+            p = plan(_with(cfg, [*overrides, f"engine.gradient_checkpointing={gc}"]), world_size, stage, gpu_mem_gib,
+                     reserve_gib, arch, suggest=False)
+            cells.append(f"{p.gpu_bytes / GIB:.1f}{'' if p.fits else ' (no)'}")
+            host = sum(r.host for r in p.rows)
+        lines.append(f"{name:<42}{cells[0]:>18}{cells[1]:>16}{host / GIB:>10.1f}")
+    lines.append("(no): does not fit")
+    return "\n".join(lines)
+
+
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flashdmd.planner", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="preset name in jobs/configs or a YAML path")
@@ -545,6 +575,8 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
     parser.add_argument("--reserve", type=float, default=2.0, help="GiB kept free (CUDA context, fragmentation)")
     parser.add_argument("--stage", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--matrix", action="store_true",
+                        help="also print every engine layout with and without gradient checkpointing")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_intermixed_args(argv)
     try:
@@ -552,10 +584,13 @@ def cli(argv: list[str] | None = None) -> int:
         nodes = args.nodes or cfg.launch.nodes
         gpus = args.gpus_per_node or cfg.launch.gpus_per_node
         result = plan(cfg, nodes * gpus, args.stage, args.gpu_mem, args.reserve)
+        print(render(result))
+        if args.matrix:
+            print()
+            print(matrix(cfg, nodes * gpus, args.stage, args.gpu_mem, args.reserve))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    print(render(result))
     return 0 if result.fits else 1
 
 

@@ -159,6 +159,7 @@ def test_sharding_offload_and_fit_verdict(cache: str) -> None:
 def test_cli_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
     from flashdmd.planner import cli
 
-    assert cli(["--config", "sdxl-4step", "--nodes", "4", "--gpu-mem", "10000"]) == 0
+    assert cli(["--config", "sdxl-4step", "--nodes", "4", "--gpu-mem", "10000", "--matrix"]) == 0
     out = capsys.readouterr().out
     assert "sdxl on 32 GPU(s)" in out and "generator" in out and "fits" in out
+    assert "ZeRO-3 + optimizer offload" in out and "FSDP2" in out
