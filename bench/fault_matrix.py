@@ -3,7 +3,8 @@
 Runs the scenarios of ``tests/fault/scenarios.py`` (the same code the fault tests assert on):
 kill -9 of one of two DDP ranks mid-step and mid-save, NaN/Inf losses and gradients (one step,
 one rank of two, three in a row -> rollback, stop policy), training-health monitors, 100 mutated
-preset configs, corrupt data at 0.1 / 1 / 10 %, the MLflow server killed and restarted mid-run,
+preset configs, corrupt data at 0.1 / 1 / 10 % (the image stream over a full epoch, and a
+tiny-sdxl training run), the MLflow server killed and restarted mid-run,
 and a foreign checkpoint. Columns: fault, outcome, steps lost (training steps missing from the
 final weights or the MLflow record: must be 0), steps redone (completed after the last valid
 checkpoint and computed again after the resume, at most checkpoint.every), data lost (metrics,
@@ -41,7 +42,8 @@ GROUPS: dict[str, Callable[[Path, Path], list[Row]]] = {
     ],
     "health": lambda tmp, cache: [scenarios.health_monitors(tmp, cache)],
     "configs": lambda tmp, cache: [scenarios.bad_configs(tmp / "configs")[0]],
-    "data": lambda tmp, cache: [scenarios.corrupt_data(tmp, rate) for rate in (0.001, 0.01, 0.1)],
+    "data": lambda tmp, cache: [scenarios.corrupt_data(tmp, rate) for rate in (0.001, 0.01, 0.1)]
+    + [scenarios.corrupt_training(tmp, tmp / "tiny-cache", rate) for rate in (0.001, 0.01, 0.1)],
     "mlflow": lambda tmp, cache: [scenarios.mlflow_outage(tmp, cache)],
     "checkpoints": lambda tmp, cache: [scenarios.foreign_checkpoint(tmp, cache)],
 }

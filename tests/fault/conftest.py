@@ -18,3 +18,9 @@ from scenarios import build_cache  # noqa: E402
 def gmm_cache(tmp_path_factory) -> Path:
     """The gmm2d teacher, trained once for every fault test (multi-rank runs must not race to build it)."""
     return build_cache(tmp_path_factory.mktemp("gmm-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """Where the tiny-sdxl preset's networks are written once for the training runs over corrupt data."""
+    return tmp_path_factory.mktemp("tiny-sdxl-cache")

@@ -585,3 +585,57 @@ def mlflow_outage(root: Path, cache: Path) -> Row:
                         f"{events.get('restarted_at')}); every step in the run" if ok else f"FAILED: {events} {status}"),
                steps_lost=missing, steps_redone=0, data_lost=not ok, seconds=time.perf_counter() - started,
                detail={**events, "metric_steps": len(steps), "status": status})
+
+
+def corrupt_training(root: Path, cache: Path, rate: float, iterations: int = 30) -> Row:
+    """A tiny-sdxl stage-1 run over the corrupt shards: completes and logs its counts to MLflow
+    below data.max_bad_fraction, stops with DataError naming the rule above it."""
+    import logging
+
+    from flashdmd.data import DataError
+    from flashdmd.train import main
+
+    started = time.perf_counter()
+    pattern, good, bad = corrupt_shards(root / f"train-shards-{rate}", rate)
+    cfg = load_config("tiny-sdxl", [
+        f"run_root={root}", f"name=corrupt-{rate}", f"model.cache_dir={cache}", f"data.shards={pattern}",
+        "data.resolution=32", "data.batch_size=8", "data.shuffle_buffer=0", "data.resampled=false",
+        f"data.epoch_length={SAMPLES // 8}", f"data.max_bad_fraction={MAX_BAD}", "data.bad_check_after=100",
+        f"stage1.iterations={iterations}", f"checkpoint.every={iterations}", "tracking.sample_every=0",
+        "tracking.log_every=5",
+    ])
+    skipped_keys: list[str] = []
+
+    class Keys(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            found = re.search(r"\(corrupt_image\): key=(\d+)", record.getMessage())
+            if found:
+                skipped_keys.append(found.group(1))
+
+    handler = Keys(level=logging.DEBUG)
+    data_log = logging.getLogger("flashdmd.data")
+    data_log.addHandler(handler)
+    old_level = data_log.level
+    data_log.setLevel(logging.DEBUG)
+    error = ""
+    try:
+        main(cfg, "stage1")
+    except DataError as err:
+        error = str(err)
+    finally:
+        data_log.removeHandler(handler)
+        data_log.setLevel(old_level)
+    label = f"{rate:.1%} corrupt images in a tiny-sdxl training run ({iterations} steps of 8)"
+    if rate <= MAX_BAD:
+        meta = handoff(cfg)
+        logged = metric_values(root, meta["mlflow_run_id"], "data/bad_corrupt_image")
+        ok = (not error and meta["step"] == iterations and bool(skipped_keys) and set(skipped_keys) <= bad
+              and logged.get(iterations) == len(skipped_keys))
+        return Row(fault=label, outcome=(f"completed; {len(skipped_keys)} skipped, counted in MLflow" if ok
+                                         else f"FAILED: {error or logged}"),
+                   steps_lost=iterations - meta["step"], steps_redone=0, data_lost=not ok,
+                   seconds=time.perf_counter() - started, detail={"skipped_keys": skipped_keys, "logged": logged})
+    ok = "data.max_bad_fraction=0.05" in error and "corrupt_image" in error and set(skipped_keys) <= bad
+    return Row(fault=label, outcome="stopped with a clear error" if ok else f"FAILED: {error!r}", steps_lost=0,
+               steps_redone=0, data_lost=not ok, seconds=time.perf_counter() - started,
+               detail={"error": error, "skipped_keys": skipped_keys})

@@ -1,7 +1,8 @@
 """Issue 11 item 5: corrupt images at 0.1 %, 1 % and 10 % of 1000 samples in real tar shards,
 read through the trainer's image stream with data.max_bad_fraction=0.05: below the threshold the
 epoch completes with every good sample delivered and every bad one counted; above it the stream
-stops with an error naming the fraction, the rule, the reason and the shard."""
+stops with an error naming the fraction, the rule, the reason and the shard. The same through a
+tiny-sdxl training run: it finishes with the skipped samples counted in MLflow, or stops."""
 from __future__ import annotations
 
 import pytest
@@ -18,3 +19,12 @@ def test_corrupt_fraction(tmp_path, rate):
         assert row.detail["undelivered_good"] == 0
     else:  # judged after data.bad_check_after=100 items: stops within the first shard
         assert row.detail["delivered_before_stop"] < 100
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rate", [0.001, 0.01, 0.1])
+def test_corrupt_fraction_in_a_training_run(tmp_path, tiny_cache, rate):
+    row = scenarios.corrupt_training(tmp_path, tiny_cache, rate)
+    assert not row.data_lost and "FAILED" not in row.outcome, row
+    if rate > scenarios.MAX_BAD:
+        assert "11 of 101 input items are bad" in row.detail["error"], row  # judged after bad_check_after=100
