@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,9 +46,9 @@ def test_gmm_stage1_records_run_and_hands_over(tmp_path: Path, cache: Path):
     steps = sorted(int(p.name.split("-")[1]) for p in cfg.checkpoint_dir.iterdir())
     assert steps == [3, 6]  # keep_last prunes nothing here; markers make both valid
     run = client(tmp_path).get_run(meta["mlflow_run_id"])
-    assert run.data.params["stage1.ttur"] == "1"
+    assert run.data.params["stage1.ttur"] == str(cfg.stage1.ttur)
     assert run.data.tags["family"] == "gmm2d"
-    history = client(tmp_path).get_metric_history(run.info.run_id, "loss_dmd")
+    history = client(tmp_path).get_metric_history(run.info.run_id, "loss_fake")
     assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
     assert [m.step for m in client(tmp_path).get_metric_history(run.info.run_id, "eval/sw2")] == [3, 6]
     artifacts = {a.path for a in client(tmp_path).list_artifacts(run.info.run_id)}
@@ -55,21 +56,21 @@ def test_gmm_stage1_records_run_and_hands_over(tmp_path: Path, cache: Path):
 
 
 def test_resume_equals_uninterrupted(tmp_path: Path, cache: Path):
-    straight = gmm_cfg(tmp_path, cache, "straight")
-    main(straight, "stage1")
-    # the same run stopped after step 3 (as a crash after that checkpoint would), then rerun
-    interrupted = gmm_cfg(tmp_path, cache, "resumed", "stage1.iterations=3")
-    main(interrupted, "stage1")
-    first_run = json.loads((interrupted.run_dir / "final" / "handoff.json").read_text())["mlflow_run_id"]
-    resumed = gmm_cfg(tmp_path, cache, "resumed")
-    main(resumed, "stage1")
-    a, b = generator_weights(straight.run_dir), generator_weights(resumed.run_dir)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key  # bitwise: the local engine restores everything
-    meta = json.loads((resumed.run_dir / "final" / "handoff.json").read_text())
+    cfg = gmm_cfg(tmp_path, cache, "run")
+    main(cfg, "stage1")
+    uninterrupted = generator_weights(cfg.run_dir)
+    first_run = json.loads((cfg.run_dir / "final" / "handoff.json").read_text())["mlflow_run_id"]
+    # as if the run had died after the checkpoint of step 3: newer state gone, then the same command again
+    shutil.rmtree(cfg.checkpoint_dir / "step-00000006")
+    shutil.rmtree(cfg.run_dir / "final")
+    main(gmm_cfg(tmp_path, cache, "run"), "stage1")
+    resumed = generator_weights(cfg.run_dir)
+    assert uninterrupted.keys() == resumed.keys()
+    for key in uninterrupted:
+        assert torch.equal(uninterrupted[key], resumed[key]), key  # bitwise: the local engine restores everything
+    meta = json.loads((cfg.run_dir / "final" / "handoff.json").read_text())
     assert meta["mlflow_run_id"] == first_run  # the same MLflow run continues
-    history = client(tmp_path).get_metric_history(first_run, "loss_dmd")
+    history = client(tmp_path).get_metric_history(first_run, "loss_fake")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]  # no duplicated steps
 
 
