@@ -21,15 +21,15 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 for path in (REPO, REPO / "tests", REPO / "tests" / "fault"):
     sys.path.insert(0, str(path))
 
-import scenarios  # noqa: E402
-from scenarios import Row  # noqa: E402
+import scenarios
+from scenarios import Row
 
 GROUPS: dict[str, Callable[[Path, Path], list[Row]]] = {
     "kill": lambda tmp, cache: [scenarios.kill_rank(tmp, cache, "step"), scenarios.kill_rank(tmp, cache, "save")],

@@ -30,16 +30,16 @@ from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, default_run_nam
 from flashdmd.distributed import DistContext, barrier, init_distributed, shutdown
 from flashdmd.engine.base import Engine
 from flashdmd.engine.factory import build_engine, optim_specs
+from flashdmd.engine.state_io import load_json
 from flashdmd.nets.parts import Parts
 from flashdmd.nets.registry import build_parts
 from flashdmd.preemption import Preemption
-from flashdmd.engine.state_io import load_json
 from flashdmd.run.batches import build_batches
 from flashdmd.run.compat import check_resume, checkpoint_identity
 from flashdmd.run.faults import Faults, activate
 from flashdmd.run.guard import ROLLBACK, StepGuard
-from flashdmd.run.health import HealthMonitor
 from flashdmd.run.handoff import Handoff, apply_handoff, read_handoff, write_handoff
+from flashdmd.run.health import HealthMonitor
 from flashdmd.run.monitor import build_monitor
 from flashdmd.tracking import NullTracker, open_tracker
 

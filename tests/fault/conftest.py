@@ -11,7 +11,7 @@ for path in (HERE, HERE.parent):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from scenarios import build_cache  # noqa: E402
+from scenarios import build_cache
 
 
 @pytest.fixture(scope="session")

@@ -22,9 +22,10 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 
@@ -596,7 +597,7 @@ def corrupt_training(root: Path, cache: Path, rate: float, iterations: int = 30)
     from flashdmd.train import main
 
     started = time.perf_counter()
-    pattern, good, bad = corrupt_shards(root / f"train-shards-{rate}", rate)
+    pattern, _, bad = corrupt_shards(root / f"train-shards-{rate}", rate)
     cfg = load_config("tiny-sdxl", [
         f"run_root={root}", f"name=corrupt-{rate}", f"model.cache_dir={cache}", f"data.shards={pattern}",
         "data.resolution=32", "data.batch_size=8", "data.shuffle_buffer=0", "data.resampled=false",

@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 import pytest
-
 import scenarios
+
 from flashdmd.config import REPO_ROOT, load_config
 from flashdmd.run.compat import IncompatibleCheckpoint, check_resume, checkpoint_identity
 

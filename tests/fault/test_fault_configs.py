@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-
 import scenarios
+
 from flashdmd.config import ConfigError, load_config
 from flashdmd.preflight import preflight_all, preflight_problems
 

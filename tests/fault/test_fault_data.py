@@ -6,7 +6,6 @@ tiny-sdxl training run: it finishes with the skipped samples counted in MLflow, 
 from __future__ import annotations
 
 import pytest
-
 import scenarios
 
 

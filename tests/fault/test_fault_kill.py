@@ -4,7 +4,6 @@ resumes from the last valid checkpoint in the same MLflow run with every step re
 from __future__ import annotations
 
 import pytest
-
 import scenarios
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]

@@ -4,7 +4,6 @@ metrics (buffered by the writer, or synced from the run's metrics.jsonl) and sta
 from __future__ import annotations
 
 import pytest
-
 import scenarios
 
 

@@ -3,10 +3,10 @@ N in a row roll back to the last valid checkpoint at lower learning rates, or st
 from __future__ import annotations
 
 import pytest
+import scenarios
 import torch
 from torch import nn
 
-import scenarios
 from flashdmd.engine.base import OptimSpec
 from flashdmd.engine.local import LocalEngine
 from flashdmd.run.faults import parse_faults
