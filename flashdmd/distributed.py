@@ -239,8 +239,18 @@ def _checked(le: LaunchEnv) -> LaunchEnv:
     return le
 
 
-def export_env(le: LaunchEnv, environ: dict[str, str] | os._Environ = os.environ) -> None:
-    """Write the torch/DeepSpeed variables, so env:// initialisation sees exactly these values."""
+# what init_distributed overwrote in os.environ, restored by shutdown(): a run inside a
+# long-lived process (tests, a notebook) must not leave RANK/WORLD_SIZE/... behind, or every
+# job it later submits (srun and submitit pass the environment on) would parse as torchrun
+_OVERWRITTEN: dict[str, str | None] = {}
+
+
+def export_env(le: LaunchEnv, environ: dict[str, str] | os._Environ = os.environ) -> dict[str, str | None]:
+    """Write the torch/DeepSpeed variables, so env:// initialisation sees exactly these values.
+
+    Returns the previous values (None where a variable was unset)."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    previous = {key: environ.get(key) for key in keys}
     environ.update({
         "RANK": str(le.rank),
         "WORLD_SIZE": str(le.world_size),
@@ -249,6 +259,7 @@ def export_env(le: LaunchEnv, environ: dict[str, str] | os._Environ = os.environ
         "MASTER_ADDR": le.master_addr,
         "MASTER_PORT": str(le.master_port),
     })
+    return previous
 
 
 def choose_device(local_rank: int, local_world_size: int, cuda_count: int | None = None) -> torch.device:
@@ -278,7 +289,9 @@ def init_distributed(cfg: Config, environ: Mapping[str, str] | None = None) -> D
     engines and collectives need no special case.
     """
     le = parse_launch_env(os.environ if environ is None else environ)
-    export_env(le)
+    previous = export_env(le)
+    if not _OVERWRITTEN:
+        _OVERWRITTEN.update(previous)
     device = choose_device(le.local_rank, le.local_world_size)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
@@ -306,6 +319,12 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Destroy the process group (safe to call when none exists)."""
+    """Destroy the process group (safe to call when none exists) and restore the launch variables."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    for key, value in _OVERWRITTEN.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _OVERWRITTEN.clear()

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -286,6 +287,10 @@ def serve_main() -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
+        # Slurm signals every process of the job step (USR1 ahead of the time limit), and Ctrl-C
+        # the whole foreground group: the writer keeps going and ends when the trainer closes it
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         return serve_main()
     parser = argparse.ArgumentParser(prog="python -m flashdmd.tracking_writer")
     sub = parser.add_subparsers(dest="command", required=True)

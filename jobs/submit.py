@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, default_run_name, load_config  # noqa: E402
 from jobs.cluster import ClusterError  # noqa: E402
+from flashdmd.preflight import preflight_all  # noqa: E402
 from jobs.plan import JOBS, PIPELINE, build_plan, render  # noqa: E402
 
 # command-line option -> config key; options win over positional overrides
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         configs = resolve_all(args)
+        if not args.dry_run:
+            preflight_all(configs)  # missing paths fail here, before anything is queued
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
