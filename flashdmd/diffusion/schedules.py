@@ -132,9 +132,15 @@ class VPSchedule(Schedule):
         self.prediction = prediction
         self.num_train_timesteps = T
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self._tables: dict[torch.device, Tensor] = {}  # the table per device: no host copy per call
+
+    def _abar_table(self, device: torch.device) -> Tensor:
+        if device not in self._tables:
+            self._tables[device] = self.alphas_cumprod.to(device)
+        return self._tables[device]
 
     def _alpha_sigma64(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        abar_table = self.alphas_cumprod.to(t.device)
+        abar_table = self._abar_table(t.device)
         T = self.num_train_timesteps
         if t.is_floating_point():
             tc = t.to(torch.float64).clamp(0, T - 1)
