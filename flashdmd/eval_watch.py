@@ -28,7 +28,8 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 from flashdmd.checkpoint import step_dirs
-from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, default_run_name, load_config
+from flashdmd.cli_config import config_from_cli
+from flashdmd.config import DEFAULT_PRESET, Config
 from flashdmd.distributed import barrier, init_distributed, shutdown
 from flashdmd.evaluate import RESULTS_JSON, EvalResult, eval_root, evaluate_source
 from flashdmd.run.handoff import FINAL, META
@@ -130,13 +131,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default="", help="the training run directory (eval.source)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    cfg.name = cfg.name or default_run_name(args.config, "stage1")
+    cfg = config_from_cli(args.config, args.overrides, "stage1")
     cfg.eval.source = args.run_dir or cfg.eval.source
     results = main(cfg, "watch")
     print(f"evaluated steps {[r.step for r in results]}")

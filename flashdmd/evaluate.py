@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, default_run_name, load_config
+from flashdmd.cli_config import config_from_cli
+from flashdmd.config import DEFAULT_PRESET, Config, ConfigError
 from flashdmd.data.prompts import load_prompts
 from flashdmd.distributed import barrier, init_distributed, shutdown
 from flashdmd.eval import build_metrics, results_table
@@ -269,13 +270,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default="", help="run dir, final/ folder or checkpoint step dir (eval.source)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    cfg.name = cfg.name or default_run_name(args.config, "stage1")
+    cfg = config_from_cli(args.config, args.overrides, "stage1")
     cfg.eval.source = args.source or cfg.eval.source
     result = main(cfg, "eval")
     print(result.table)

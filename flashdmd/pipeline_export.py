@@ -49,7 +49,8 @@ from typing import Any
 import torch
 import yaml
 
-from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, default_run_name, load_config, to_dict
+from flashdmd.cli_config import config_from_cli
+from flashdmd.config import DEFAULT_PRESET, Config, to_dict
 from flashdmd.diffusion.schedules import Schedule
 from flashdmd.distributed import init_distributed, shutdown
 from flashdmd.engine.base import OptimSpec
@@ -265,13 +266,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="", help="output folder (default <run>/export/step-N)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    cfg.name = cfg.name or default_run_name(args.config, "stage1")
+    cfg = config_from_cli(args.config, args.overrides, "stage1")
     cfg.export.source = args.source or cfg.export.source
     cfg.export.out_dir = args.out or cfg.export.out_dir
     try:

@@ -40,7 +40,8 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from flashdmd.checkpoint import is_valid, latest_valid
-from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, default_run_name, load_config
+from flashdmd.cli_config import config_from_cli
+from flashdmd.config import DEFAULT_PRESET, Config, ConfigError
 from flashdmd.data.prompts import load_prompts
 from flashdmd.diffusion.rollout import predict_x0, randn, timesteps_tensor
 from flashdmd.diffusion.sampler import sample_teacher
@@ -297,13 +298,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="", help="output folder (sample.out_dir)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    cfg.name = cfg.name or default_run_name(args.config, "stage1")
+    cfg = config_from_cli(args.config, args.overrides, "stage1")
     cfg.sample.source = args.source or cfg.sample.source
     cfg.sample.prompts = args.prompt or cfg.sample.prompts
     cfg.sample.prompts_file = args.prompts_file or cfg.sample.prompts_file

@@ -26,7 +26,8 @@ import torch
 from flashdmd.algo.stage1 import Stage1
 from flashdmd.algo.stage2 import Stage2
 from flashdmd.checkpoint import latest_valid, load_checkpoint, save_checkpoint
-from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, default_run_name, load_config, to_yaml
+from flashdmd.cli_config import config_from_cli
+from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, to_yaml
 from flashdmd.distributed import DistContext, barrier, init_distributed, shutdown
 from flashdmd.engine.base import Engine
 from flashdmd.engine.factory import build_engine, optim_specs
@@ -228,14 +229,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    cfg.name = cfg.name or default_run_name(args.config, args.job)
+    cfg = config_from_cli(args.config, args.overrides, args.job)
     folder = main(cfg, args.job)
     print(f"{args.job} finished; full weights in {folder}")
     return 0
