@@ -80,6 +80,7 @@ class Trainer:
     def __init__(self, cfg: Config, job: str, ctx: DistContext) -> None:
         self.cfg, self.job, self.ctx = cfg, job, ctx
         self.stage = 1 if job == "stage1" else 2
+        self.updates: dict[str, int] = {}  # optimizer steps per trainable network (TTUR, RL:DM made visible)
         self.iterations = cfg.stage1.iterations if self.stage == 1 else cfg.stage2.iterations
 
     # -- setup ----------------------------------------------------------------------------------
@@ -126,6 +127,7 @@ class Trainer:
         check_resume(load_json(path / "trainer.json"), self.cfg, self.job, path)
         resumed = load_checkpoint(self.engine, path)
         self.guard.load_state_dict(resumed.trainer.get("guard", {}))
+        self.updates.update(resumed.trainer.get("updates", {}))
         if self.health is not None:
             self.health.load_state_dict(resumed.trainer.get("health", {}))
         if self.ctx.is_main:
@@ -163,11 +165,13 @@ class Trainer:
                     continue
                 if self.health is not None:
                     self.health.observe(step, metrics)
+                self._count_updates(metrics)
                 step += 1
                 if step % cfg.tracking.log_every == 0 or step == self.iterations:
                     elapsed = time.perf_counter() - started
                     logged = self._run_metrics(metrics, elapsed, batch.size, batches.bad_counts())
                     logged.update(self.guard.metrics())
+                    logged.update({f"updates/{net}": float(n) for net, n in self.updates.items()})
                     if self.health is not None:
                         logged.update(self.health.measure(self.engine, batch, step, metrics))
                     tracker.log_metrics(logged, step)
@@ -208,12 +212,19 @@ class Trainer:
                                 resumed.rank_state.get("data"))
         return resumed.step, batches
 
+    def _count_updates(self, metrics: dict[str, float]) -> None:
+        # the algorithm reports "<net>_lr" exactly for the networks it stepped; a skipped
+        # (non-finite) update reports "<net>_skipped" = 1 and is not counted
+        for net in self.parts.trainable():
+            if f"{net}_lr" in metrics and not metrics.get(f"{net}_skipped", 0.0):
+                self.updates[net] = self.updates.get(net, 0) + 1
+
     def _save(self, step: int, tracker: NullTracker, data_state: dict[str, Any]) -> None:
         health = self.health.state_dict() if self.health is not None else {}
         path = save_checkpoint(
             self.engine, self.cfg.checkpoint_dir, step,
             trainer={"mlflow_run_id": tracker.run_id, **checkpoint_identity(self.cfg, self.job),
-                     "guard": self.guard.state_dict(), "health": health},
+                     "guard": self.guard.state_dict(), "health": health, "updates": self.updates},
             rank_state={"data": data_state}, keep_last=self.cfg.checkpoint.keep_last,
         )
         tracker.log_checkpoint(path, step)

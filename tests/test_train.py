@@ -51,6 +51,9 @@ def test_gmm_stage1_records_run_and_hands_over(tmp_path: Path, cache: Path):
     history = client(tmp_path).get_metric_history(run.info.run_id, "loss_fake")
     assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
     assert [m.step for m in client(tmp_path).get_metric_history(run.info.run_id, "eval/sw2")] == [3, 6]
+    # TTUR: the generator steps on every ttur-th iteration, the fake score and D on every one
+    assert run.data.metrics["updates/generator"] == 6 // cfg.stage1.ttur
+    assert run.data.metrics["updates/fake_score"] == run.data.metrics["updates/discriminator"] == 6
     artifacts = {a.path for a in client(tmp_path).list_artifacts(run.info.run_id)}
     assert any("config" in a for a in artifacts)
 
@@ -72,6 +75,7 @@ def test_resume_equals_uninterrupted(tmp_path: Path, cache: Path):
     assert meta["mlflow_run_id"] == first_run  # the same MLflow run continues
     history = client(tmp_path).get_metric_history(first_run, "loss_fake")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]  # no duplicated steps
+    assert json.loads((cfg.checkpoint_dir / "step-00000006" / "trainer.json").read_text())["updates"]["fake_score"] == 6
 
 
 def test_stage2_starts_from_stage1_and_links_runs(tmp_path: Path, cache: Path):
