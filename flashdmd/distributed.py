@@ -25,6 +25,7 @@ Departs from submitit's TorchDistributedEnvironment: never rewrites CUDA_VISIBLE
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -66,22 +67,11 @@ class LaunchEnv:
 
 
 @dataclass(frozen=True)
-class DistContext:
-    """The initialised process: who it is, where it computes, and how it was launched."""
+class DistContext(LaunchEnv):
+    """The initialised process: what the launcher said, plus where it computes and over what backend."""
 
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    node_rank: int
-    num_nodes: int
-    master_addr: str
-    master_port: int
-    device: torch.device
-    backend: str
-    launcher: str
-    job_id: str = ""
-    restart_count: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str = "gloo"
 
     @property
     def is_main(self) -> bool:
@@ -306,11 +296,7 @@ def init_distributed(cfg: Config, environ: Mapping[str, str] | None = None) -> D
                 backend, init_method="env://", rank=le.rank, world_size=le.world_size, timeout=timeout,
                 device_id=device if device.type == "cuda" else None,
             )
-    return DistContext(
-        rank=le.rank, world_size=le.world_size, local_rank=le.local_rank, local_world_size=le.local_world_size,
-        node_rank=le.node_rank, num_nodes=le.num_nodes, master_addr=le.master_addr, master_port=le.master_port,
-        device=device, backend=backend, launcher=le.launcher, job_id=le.job_id, restart_count=le.restart_count,
-    )
+    return DistContext(**dataclasses.asdict(le), device=device, backend=backend)
 
 
 def barrier() -> None:

@@ -11,37 +11,20 @@ import pytest
 import scipy.linalg
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file
+from tiny_metric_models import tiny_clip, tiny_image_reward
 
 from flashdmd.config import EvalConfig
 from flashdmd.eval import REGISTRY, build_metrics, results_table
 from flashdmd.eval.fid import frechet_distance
 from flashdmd.eval.image_reward import REWARD_MEAN, REWARD_STD, reward_head
-from flashdmd.nets.tiny import tiny_clip_tokenizer
 
 PROMPTS = ["a photo of a cat", "a red car", "a bowl of fruit", "two dogs", "a house", "the sea"]
 
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    tokenizer = tiny_clip_tokenizer()
-    text = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
-    )
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
+    return tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 def uint8_images(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
@@ -180,21 +163,13 @@ def test_unavailable_metrics_are_skipped_with_a_message(tmp_path):
 
 
 def test_image_reward_matches_the_blip_forward(tmp_path):
-    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval
+    from transformers import BertTokenizer, BlipForImageTextRetrieval
 
-    words = sorted({w for p in PROMPTS for w in p.split()})
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))
-    sizes = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}
-    text = {**sizes, "vocab_size": len(tokenizer), "encoder_hidden_size": 32, "max_position_embeddings": 40}
-    vision = {**sizes, "image_size": 32, "patch_size": 8}
-    torch.manual_seed(0)
-    blip = BlipForImageTextRetrieval(BlipConfig(text_config=text, vision_config=vision)).eval()
+    folder = tiny_image_reward(tmp_path / "image-reward", PROMPTS)
+    blip = BlipForImageTextRetrieval.from_pretrained(folder).eval()
+    tokenizer = BertTokenizer.from_pretrained(folder)
     head = reward_head(32).eval()
-    folder = tmp_path / "image-reward"
-    blip.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    save_file({f"layers.{k}": v.contiguous() for k, v in head.state_dict().items()}, folder / "mlp.safetensors")
+    head.load_state_dict({k.removeprefix("layers."): v for k, v in load_file(str(folder / "mlp.safetensors")).items()})
 
     metrics, skipped = build_metrics(EvalConfig(metrics=["image_reward"], weights={"image_reward": str(folder)}))
     assert not skipped

@@ -30,7 +30,8 @@ from flashdmd.sampling import load_student
 METRICS = ["clip_score", "pickscore", "hpsv2", "image_reward", "fid", "mps"]
 
 pytest.register_assert_rewrite("student_world")  # it is also loaded as a plugin below
-from student_world import PROMPTS, tiny_clip, tiny_image_reward
+from student_world import PROMPTS
+from tiny_metric_models import tiny_clip, tiny_image_reward
 
 pytest_plugins = ["student_world"]  # the session-wide trained_run fixture, built once for all three files
 
@@ -51,7 +52,7 @@ def eval_cfg(trained_run, tmp_path_factory) -> Config:
     cfg.eval.num_images = 7  # more images than prompts: prompts cycle, every image has its own seed
     cfg.eval.metrics = METRICS
     cfg.eval.weights = {"clip_score": clip, "pickscore": clip, "hpsv2": clip, "fid": clip,
-                        "image_reward": str(tiny_image_reward(root / "image-reward"))}
+                        "image_reward": str(tiny_image_reward(root / "image-reward", PROMPTS))}
     cfg.eval.reference_images = str(reference)
     cfg.eval.batch_size = 3
     return cfg

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 from flashdmd.config import load_config
 from jobs import cluster, launcher
@@ -31,16 +31,6 @@ def probe_submit(tmp_path: Path, name: str, iterations: int, tags: str, every: i
     ])
     plan = build_plan("stage1", "gmm2d", cfg)
     return launcher.submit(plan, cfg, dependency=dependency, entry="probe_job:main", pythonpath=[str(HERE)])
-
-
-def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.2):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def test_real_error_fails_the_job_without_requeue_and_cancels_its_dependent(slurm_cluster, tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from waiting import wait_for
 
 from flashdmd.checkpoint import step_dirs
 from jobs import cluster
@@ -37,16 +38,6 @@ def submit(*args: str) -> tuple[list[str], str]:
                          timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     return re.findall(r"as slurm job (\d+)", out.stdout), out.stdout
-
-
-def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.2):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def ended(job_id: str) -> bool:
@@ -72,11 +63,11 @@ def test_submit_stage1_two_tasks_preempted_requeued_resumed(slurm_cluster, tmp_p
     run_dir = tmp_path / "pre"
     assert f"run directory: {run_dir}" in printed and "mlflow:" in printed and f"{job_id}_0_log.out" in printed
 
-    wait_until(lambda: len(metric_rows(run_dir)) >= 3 or ended(job_id), 300, "training to start")
+    wait_for(lambda: len(metric_rows(run_dir)) >= 3 or ended(job_id), 300, "training to start")
     assert not ended(job_id), log_tail(run_dir, job_id)
     signalled = time.time()
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)  # what Slurm sends ahead of the time limit
-    wait_until(lambda: ended(job_id), 400, "the requeued job to finish")
+    wait_for(lambda: ended(job_id), 400, "the requeued job to finish")
 
     assert cluster.job_state(job_id) == "COMPLETED", log_tail(run_dir, job_id)
     assert cluster.job_field(job_id, "Restarts") == "1"
@@ -122,7 +113,7 @@ def test_pipeline_runs_stage2_after_stage1_through_the_dependency(slurm_cluster,
                                       "stage2.iterations=4", "checkpoint.every=100", *SMALL)
     assert f"runs after:    afterok:{first}" in printed
     assert cluster.job_field(second, "Dependency").startswith(f"afterok:{first}")
-    wait_until(lambda: ended(first) and ended(second), 400, "both stages")
+    wait_for(lambda: ended(first) and ended(second), 400, "both stages")
     assert cluster.job_state(first) == "COMPLETED", log_tail(tmp_path / "pipe-stage1", first)
     assert cluster.job_state(second) == "COMPLETED", log_tail(tmp_path / "pipe-stage2", second)
     assert cluster.job_field(second, "StartTime") >= cluster.job_field(first, "EndTime")
