@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-for path in (REPO, REPO / "tests", REPO / "tests" / "fault"):
+for path in (REPO, REPO / "tests" / "worlds", REPO / "tests" / "fault"):
     sys.path.insert(0, str(path))
 
 import scenarios

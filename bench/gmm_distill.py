@@ -10,7 +10,7 @@ image families use (LocalEngine, gmm2d parts, the gmm2d preset):
    iterations and at the end;
 3. stage 2 from each seed's Flash-DMD result: joint (5 RL : 1 distillation) vs RL only.
 
-Metrics (flashdmd.metrics.gmm): sliced W2 to fresh true samples, modes covered, mean reward and
+Metrics (flashdmd.eval.gmm): sliced W2 to fresh true samples, modes covered, mean reward and
 the mass at the rewarded mode. "Updates to threshold" counts generator updates until SW2 first
 drops below 2 / 1.75 / 1.5 times the teacher's (same sample count). Writes
 bench/results/gmm_distill.json and prints a table.
@@ -39,7 +39,7 @@ from flashdmd.config import Config, load_config
 from flashdmd.diffusion.rollout import sample_student, timesteps_tensor
 from flashdmd.diffusion.sampler import sample_teacher
 from flashdmd.engine.local import LocalEngine
-from flashdmd.metrics.gmm import mode_mass, modes_covered, sliced_w2
+from flashdmd.eval.gmm import mode_mass, modes_covered, sliced_w2
 from flashdmd.nets.gmm2d import GMM, build_gmm_parts
 from flashdmd.nets.parts import Parts
 

@@ -69,11 +69,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from data_tools.make_toy_shards import make_toy_shards
-    from flashdmd.distributed import init_distributed, shutdown
+    from flashdmd.infra.distributed import init_distributed, shutdown
     from flashdmd.nets.text import PromptEncoder
-    from flashdmd.preemption import Preemption
-    from flashdmd.run.batches import build_batches
-    from flashdmd.train import Trainer
+    from flashdmd.train.preemption import Preemption
+    from flashdmd.train.batches import build_batches
+    from flashdmd.train.main import Trainer
 
     shards = Path(tempfile.mkdtemp(prefix="flashdmd-profile-"))
     make_toy_shards(shards, 64, 8)

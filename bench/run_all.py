@@ -79,14 +79,14 @@ def figures() -> list[str]:
 
 
 def planner_agreement() -> list[str]:
-    """The planner's per-rank bytes beside zero3_memory's measured ones (tests/test_planner.py
+    """The planner's per-rank bytes beside zero3_memory's measured ones (tests/apps/test_planner.py
     asserts the local and FSDP2 agreement; this table shows DeepSpeed too)."""
     zero3 = _load("zero3_memory")
     if not zero3:
         return []
     sys.path.insert(0, str(REPO))
     from flashdmd.config import load_config
-    from flashdmd.planner import architecture, plan
+    from flashdmd.apps.plan import architecture, plan
 
     base = load_config("tiny-sdxl", ["model.lora.enabled=false"])
     arch = architecture(base)

@@ -1,7 +1,7 @@
 """Benchmark: the trainer's stage-1 step path against a hand-written loop doing the same math
 (issue 10, item 1; goal: ratio <= 1.05).
 
-Trainer path: ``flashdmd.train.Trainer`` set up from the tiny-sdxl preset (local engine), then
+Trainer path: ``flashdmd.train.main.Trainer`` set up from the tiny-sdxl preset (local engine), then
 per iteration what its loop does besides fetching data: ``Stage1.step`` through the engine,
 the run metrics, the (null) tracker and the preemption agreement. Reference: one function below,
 written straight against torch (the same networks copied before the first step, torch AdamW,
@@ -108,10 +108,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args()
 
-    from flashdmd.distributed import init_distributed, shutdown
-    from flashdmd.preemption import Preemption
-    from flashdmd.tracking import NullTracker
-    from flashdmd.train import Trainer
+    from flashdmd.infra.distributed import init_distributed, shutdown
+    from flashdmd.train.preemption import Preemption
+    from flashdmd.infra.tracking import NullTracker
+    from flashdmd.train.main import Trainer
 
     cfg = tiny_config(["engine.kind=local", "stage1.mode=flash", "stage1.ttur=1", f"data.batch_size={args.batch}"])
     ctx = init_distributed(cfg)

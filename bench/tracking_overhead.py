@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flashdmd.config import load_config
-from flashdmd.tracking import NullTracker, open_tracker
+from flashdmd.infra.tracking import NullTracker, open_tracker
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tracking_overhead.json"
 

@@ -1,12 +1,12 @@
 """Submit a planned job through submitit: Slurm (one task per GPU) or the local executor.
 
 The callable that submitit pickles (``EntryJob``) carries the resolved config as plain data and
-the name of the entry function (``flashdmd.train:main`` for stage 1 and 2), so a job never
+the name of the entry function (``flashdmd.train.main:main`` for stage 1 and 2), so a job never
 depends on the submitting process' objects. Resume state is never stored in the pickle: the
 entry finds the newest valid checkpoint at start-up (fairchem #1055), which is what makes a
 requeued job, or a requeue of the original pickle, continue where it stopped.
 
-Preemption is handled inside the run (flashdmd.preemption: flag, agreement, collective save,
+Preemption is handled inside the run (flashdmd.train.preemption: flag, agreement, collective save,
 ``scontrol requeue``). submitit's own signal hook stays as the fallback for a signal that
 arrives before the training loop has installed its handlers: it then calls
 ``EntryJob.checkpoint``, which resubmits the same job unchanged.
@@ -30,12 +30,12 @@ from jobs import cluster
 from jobs.plan import JobPlan
 
 ENTRIES = {
-    "stage1": "flashdmd.train:main",
-    "stage2": "flashdmd.train:main",
-    "export": "flashdmd.pipeline_export:main",
-    "sample": "flashdmd.sampling:main",
-    "eval": "flashdmd.evaluate:main",
-    "watch": "flashdmd.eval_watch:main",
+    "stage1": "flashdmd.train.main:main",
+    "stage2": "flashdmd.train.main:main",
+    "export": "flashdmd.apps.export:main",
+    "sample": "flashdmd.apps.sample:main",
+    "eval": "flashdmd.apps.evaluate:main",
+    "watch": "flashdmd.apps.watch:main",
 }
 
 
@@ -151,7 +151,7 @@ def make_executor(plan: JobPlan, cfg: Config, folder: Path, dependency: str = ""
     # a partition without GPUs (CPU clusters, the test cluster) runs one process per "GPU" slot
     gpus = params["gpus_per_node"] if partition.has_gpus else None
     extra: dict[str, Any] = {
-        "signal": f"USR1@{params['signal_delay_s']}",  # flashdmd.preemption's signal, not submitit's USR2
+        "signal": f"USR1@{params['signal_delay_s']}",  # flashdmd.train.preemption's signal, not submitit's USR2
         "requeue": True,
     }
     if dependency:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, default_run_name, load_config  # noqa: E402
 from jobs.cluster import ClusterError  # noqa: E402
-from flashdmd.preflight import preflight_all  # noqa: E402
+from flashdmd.apps.preflight import preflight_all  # noqa: E402
 from jobs.plan import JOBS, PIPELINE, build_plan, render  # noqa: E402
 
 # command-line option -> config key; options win over positional overrides

@@ -22,7 +22,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 PYTHON=${PYTHON:-python3}
 
 # srun one task per allocated task slot (= per GPU); every task runs the same entry point, which
-# reads its rank from SLURM_* (flashdmd/distributed.py). --kill-on-bad-exit: one failing rank
+# reads its rank from SLURM_* (flashdmd/infra/distributed.py). --kill-on-bad-exit: one failing rank
 # ends the step instead of leaving the others waiting in a collective until the timeout.
 flashdmd_run() {
   local job=$1

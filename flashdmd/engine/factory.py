@@ -3,7 +3,7 @@
 local + 1 process -> LocalEngine; local + several processes -> DDPEngine; fsdp -> FSDPEngine;
 deepspeed -> DeepSpeedEngine (imported only when chosen: DeepSpeed picks its accelerator at
 import and its init must not interfere with other backends, DeepSpeed #7252). The process
-group is the launcher's job (flashdmd.distributed.init_distributed); fsdp and deepspeed need it
+group is the launcher's job (flashdmd.infra.distributed.init_distributed); fsdp and deepspeed need it
 even for one process.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def build_engine(cfg: Config, device: torch.device | None = None) -> Engine:
     if not distributed:
         raise RuntimeError(
             f"engine.kind={e.kind} needs a process group; start through the launcher "
-            "(flashdmd.distributed.init_distributed) or use engine.kind=local"
+            "(flashdmd.infra.distributed.init_distributed) or use engine.kind=local"
         )
     if e.kind == "fsdp":
         from flashdmd.engine.fsdp import FSDPEngine

@@ -1,4 +1,4 @@
-"""Fixtures of the fault matrix: tests/ on the import path (mlflow_server), one toy-teacher cache."""
+"""Fixtures of the fault matrix: tests/worlds on the import path (mlflow_server), one toy-teacher cache."""
 from __future__ import annotations
 
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-for path in (HERE, HERE.parent):
+for path in (HERE, HERE.parent / "worlds"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 

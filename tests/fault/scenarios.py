@@ -4,7 +4,7 @@
 Shared by the tests in this folder (which assert every row) and ``bench/fault_matrix.py`` (which
 writes the table). Runs use the gmm2d toy (a trained MLP teacher, cached once) with few steps;
 multi-rank runs are real processes over gloo with the launcher's environment variables, faults
-come in through ``FLASHDMD_FAULTS`` (flashdmd/run/faults.py), nothing is patched.
+come in through ``FLASHDMD_FAULTS`` (flashdmd/train/faults.py), nothing is patched.
 
 Definitions: "steps lost" = training steps of the requested run that never made it into the
 final state and its MLflow record (must be 0); "steps redone" = steps completed before the fault
@@ -29,10 +29,10 @@ from typing import Any
 
 import mlflow
 
-from flashdmd.checkpoint import latest_valid, step_dirs
+from flashdmd.train.checkpoint import latest_valid, step_dirs
 from flashdmd.config import REPO_ROOT, Config, load_config
-from flashdmd.run.faults import ENV as FAULTS_ENV
-from flashdmd.tracking import read_jsonl
+from flashdmd.train.faults import ENV as FAULTS_ENV
+from flashdmd.infra.tracking import read_jsonl
 
 ITERATIONS = 8
 EVERY = 2
@@ -106,7 +106,7 @@ class Launch:
 
 
 def launch(overrides: list[str], world: int = 2, faults: str = "", job: str = "stage1", timeout_s: float = 300) -> Launch:
-    """``world`` ranks of ``python -m flashdmd.train`` over gloo, as torchrun would start them."""
+    """``world`` ranks of ``python -m flashdmd.train.main`` over gloo, as torchrun would start them."""
     port = free_port()
     procs, files = [], []
     log_dir = Path(overrides[0].split("=", 1)[1])
@@ -204,7 +204,7 @@ def kill_rank(root: Path, cache: Path, phase: str) -> Row:
 
 def nonfinite_skip(root: Path, cache: Path, spec: str, label: str) -> Row:
     """One poisoned step in an in-process run: skipped, counted, the run finishes."""
-    from flashdmd.train import main
+    from flashdmd.train.main import main
 
     started = time.perf_counter()
     cfg = gmm_cfg(root, cache, f"skip-{label}")
@@ -238,7 +238,7 @@ def nonfinite_two_ranks(root: Path, cache: Path) -> Row:
 
 def nonfinite_rollback(root: Path, cache: Path) -> Row:
     """Steps 5-7 poisoned (3 in a row): back to step 6's checkpoint at half the learning rates."""
-    from flashdmd.train import main
+    from flashdmd.train.main import main
 
     started = time.perf_counter()
     cfg = gmm_cfg(root, cache, "rollback", "health.max_consecutive_nonfinite=3", "stage1.lr_schedule=constant")
@@ -259,8 +259,8 @@ def nonfinite_rollback(root: Path, cache: Path) -> Row:
 
 def nonfinite_stop(root: Path, cache: Path) -> Row:
     """health.on_nonfinite=stop: two poisoned steps in a row end the run with a clear message."""
-    from flashdmd.run.guard import TrainingHealthError
-    from flashdmd.train import main
+    from flashdmd.train.guard import TrainingHealthError
+    from flashdmd.train.main import main
 
     started = time.perf_counter()
     cfg = gmm_cfg(root, cache, "stop", "health.on_nonfinite=stop", "health.max_consecutive_nonfinite=2")
@@ -364,7 +364,7 @@ def check_variant(variant: dict[str, Any]) -> dict[str, Any]:
     import traceback
 
     from flashdmd.config import ConfigError
-    from flashdmd.preflight import preflight_all
+    from flashdmd.apps.preflight import preflight_all
     from jobs import submit
 
     argv = [variant["job"], "--config", variant["config"], "--dry-run", *variant["overrides"]]
@@ -405,8 +405,8 @@ def bad_configs(tmp: Path) -> tuple[Row, list[dict[str, Any]]]:
 
 def foreign_checkpoint(root: Path, cache: Path) -> Row:
     """A run directory holding another family's or another config's checkpoint is refused, naming the difference."""
-    from flashdmd.run.compat import IncompatibleCheckpoint
-    from flashdmd.train import main
+    from flashdmd.train.compat import IncompatibleCheckpoint
+    from flashdmd.train.main import main
 
     started = time.perf_counter()
     cfg = gmm_cfg(root, cache, "foreign", "stage1.iterations=2")
@@ -442,7 +442,7 @@ def foreign_checkpoint(root: Path, cache: Path) -> Row:
 
 def health_monitors(root: Path, cache: Path) -> Row:
     """Stage 1 then stage 2 with tight bounds: every monitor is logged each step, and flags + warns."""
-    from flashdmd.train import main
+    from flashdmd.train.main import main
 
     started = time.perf_counter()
     s1 = gmm_cfg(root, cache, "health-s1", "health.fake_lag_max=1e-9", "health.d_logit_gap_max=1e9")
@@ -594,7 +594,7 @@ def corrupt_training(root: Path, cache: Path, rate: float, iterations: int = 30)
     import logging
 
     from flashdmd.data import DataError
-    from flashdmd.train import main
+    from flashdmd.train.main import main
 
     started = time.perf_counter()
     pattern, _, bad = corrupt_shards(root / f"train-shards-{rate}", rate)

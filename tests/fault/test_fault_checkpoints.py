@@ -10,7 +10,7 @@ import pytest
 import scenarios
 
 from flashdmd.config import REPO_ROOT, load_config
-from flashdmd.run.compat import IncompatibleCheckpoint, check_resume, checkpoint_identity
+from flashdmd.train.compat import IncompatibleCheckpoint, check_resume, checkpoint_identity
 
 SOURCES = [REPO_ROOT / "flashdmd", REPO_ROOT / "jobs", REPO_ROOT / "data_tools"]
 UNPICKLERS = {("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"), ("dill", "load"), ("dill", "loads"),

@@ -9,7 +9,7 @@ import pytest
 import scenarios
 
 from flashdmd.config import ConfigError, load_config
-from flashdmd.preflight import preflight_all, preflight_problems
+from flashdmd.apps.preflight import preflight_all, preflight_problems
 
 
 def test_hundred_mutated_configs_fail_clearly_before_submission(tmp_path):

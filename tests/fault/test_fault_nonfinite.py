@@ -9,7 +9,7 @@ from torch import nn
 
 from flashdmd.engine.base import OptimSpec
 from flashdmd.engine.local import LocalEngine
-from flashdmd.run.faults import parse_faults
+from flashdmd.train.faults import parse_faults
 
 
 def _engine() -> LocalEngine:
@@ -79,7 +79,7 @@ def test_bad_step_on_one_rank_is_skipped_on_both(tmp_path, gmm_cache):
 
 def test_guard_counts_and_a_resumed_run_keeps_the_lowered_rates():
     from flashdmd.config import HealthConfig
-    from flashdmd.run.guard import OK, ROLLBACK, SKIPPED, StepGuard, TrainingHealthError
+    from flashdmd.train.guard import OK, ROLLBACK, SKIPPED, StepGuard, TrainingHealthError
 
     guard = StepGuard(HealthConfig(max_consecutive_nonfinite=2, max_rollbacks=1), _engine())
     assert guard.check(1, {"loss": 1.0, "net_grad_norm": float("nan")}) == OK  # a norm alone is not judged

@@ -1,0 +1,330 @@
+"""MLflow tracking of a run: rank 0 logs, every other rank holds a ``NullTracker``.
+
+Implements issue 7 item 3 (see ../shared/research/anchors_jobsystem.md section 4).
+
+* ``open_tracker(cfg, rank, run_id, parent_run_id)`` returns a ``Tracker`` on rank 0 (a new MLflow
+  run, or the continuation of ``run_id`` after a resume) and a ``NullTracker`` elsewhere.
+* The training step never waits on MLflow.  ``log_metrics`` appends one line to
+  ``<run_dir>/metrics.jsonl`` (the local copy and the source of truth); a writer process
+  (``flashdmd.infra.tracking_writer``) tails that file and sends the points in batches, and receives
+  artifacts, tags, flush and close requests over a pipe.  The writer also retries, reports an
+  unreachable store once, and re-syncs the run from the JSONL copy when the store answers again.
+* Continuing a run never duplicates a step: the JSONL copy is written before anything is sent, so
+  its last step bounds what the run may already hold, and ``log_metrics`` ignores steps up to it.
+  After a resume from checkpoint step S, the replayed steps S+1..k that were logged before the
+  interruption therefore keep their first values (MLflow cannot delete single points).
+* Params are immutable in MLflow: a continued run does not re-log them; keys whose value changed
+  are listed in the tag ``flashdmd.config_changed_on_resume``.
+
+Store: ``cfg.tracking_uri`` (a server, or MLflow 3's SQLite default under the run root, with
+artifacts in ``<run_root>/mlartifacts`` instead of MLflow's ``./mlruns`` next to the working
+directory).  For http(s) stores the writer turns MLflow's own HTTP retries down (7 with
+exponential backoff by default: minutes per call) unless the user set them; it retries itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from mlflow.entities import RunStatus
+from mlflow.utils.validation import (
+    MAX_ENTITY_KEY_LENGTH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_TAG_VAL_LENGTH,
+    path_not_unique,
+    validate_param_and_metric_name,
+)
+from PIL import Image
+
+from flashdmd.config import REPO_ROOT, Config, flatten, to_dict, to_yaml
+from flashdmd.infra.repro import git_state, repro_bundle
+from flashdmd.infra.tracking_writer import PARENT_TAG, read_jsonl, sync_from_jsonl
+
+__all__ = ["PARENT_TAG", "NullTracker", "Tracker", "image_grid", "open_tracker", "read_jsonl", "sync_from_jsonl"]
+
+JSONL_NAME = "metrics.jsonl"
+TRUNCATED = "...[truncated]"
+STATUSES = tuple(RunStatus.to_string(s) for s in RunStatus.all_status())
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - len(TRUNCATED)] + TRUNCATED
+
+
+def _check_key(key: str) -> None:
+    if len(key) > MAX_ENTITY_KEY_LENGTH or not validate_param_and_metric_name(key) or path_not_unique(key):
+        raise ValueError(
+            f"metric name {key!r} is not valid for MLflow: use letters, digits, '_', '-', '.', ' ', '/' "
+            f"(no leading '/', no '..'), at most {MAX_ENTITY_KEY_LENGTH} characters"
+        )
+
+
+def config_params(cfg: Config) -> dict[str, str]:
+    """The flattened resolved config as MLflow params (values clipped to MLflow's length limit)."""
+    return {key: _clip(str(value), MAX_PARAM_VAL_LENGTH) for key, value in flatten(to_dict(cfg)).items()}
+
+
+def run_tags(cfg: Config, stage: str, git: dict[str, Any]) -> dict[str, str]:
+    """The tags every run carries; ``cfg.tracking.tags`` win over the built-in ones."""
+    tags = {
+        "family": cfg.model.family,
+        "stage": stage,
+        "engine": cfg.engine.kind,
+        "nodes": str(cfg.launch.nodes),
+        "world_size": str(cfg.world_size),
+        "git_commit": git["commit"],
+        "git_dirty": str(git["dirty"]),
+        "mlflow.source.git.commit": git["commit"],
+        **cfg.tracking.tags,
+    }
+    return {key: _clip(str(value), MAX_TAG_VAL_LENGTH) for key, value in tags.items()}
+
+
+def image_grid(images: torch.Tensor) -> np.ndarray:
+    """[N, 3, H, W] in [-1, 1] -> one uint8 [rows*H', cols*W', 3] grid, near-square, 2 px padding."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"log_images expects a [N, 3, H, W] tensor in [-1, 1], got shape {tuple(images.shape)}")
+    n, _, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    pad = 2
+    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    grid = torch.zeros(3, rows * (h + pad) + pad, cols * (w + pad) + pad, dtype=torch.uint8)
+    for i in range(n):
+        top, left = pad + (i // cols) * (h + pad), pad + (i % cols) * (w + pad)
+        grid[:, top : top + h, left : left + w] = pixels[i]
+    return grid.permute(1, 2, 0).numpy()
+
+
+class NullTracker:
+    """The tracker of ranks other than 0: the same interface, nothing logged."""
+
+    @property
+    def run_id(self) -> str | None:
+        return None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_images(self, name: str, images: torch.Tensor, step: int) -> None:
+        pass
+
+    def log_config(self, cfg: Config) -> None:
+        pass
+
+    def log_checkpoint(self, path: str | Path, step: int) -> None:
+        pass
+
+    def flush(self, timeout_s: float = 60.0) -> bool:
+        return True
+
+    def close(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
+        pass
+
+
+class Tracker(NullTracker):
+    """Rank 0's MLflow logger: JSONL now, MLflow from the writer process (see the module docstring)."""
+
+    def __init__(self, setup: dict[str, Any], run_dir: Path, continuing: bool) -> None:
+        run_dir = run_dir.resolve()  # paths sent to the writer must not depend on its working directory
+        self._run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = run_dir / JSONL_NAME
+        if not continuing and self.jsonl_path.exists():
+            # a new run under an old run directory: keep the old copy, start a fresh one
+            self.jsonl_path.rename(run_dir / f"metrics.{int(self.jsonl_path.stat().st_mtime)}.jsonl")
+        self._skip_through = max((r["step"] for r in read_jsonl(self.jsonl_path)), default=-1)
+        self._valid_keys: set[str] = set()
+        self._jsonl = open(self.jsonl_path, "ab")  # noqa: SIM115 - held for the run, closed in close()
+        self._uri = setup["uri"]
+
+        self._lock = threading.Lock()
+        self._run_id: str | None = None
+        self._ready = threading.Event()  # the run exists, or the first attempt failed
+        self._flushed: dict[int, threading.Event] = {}
+        self._next_flush = 0
+        self._closed_ok: bool | None = None
+        self._writer_gone = False
+
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        if self._uri.startswith(("http://", "https://")):
+            env.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            env.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # own session: a Ctrl-C meant for training leaves the writer free to flush after stdin closes
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "flashdmd.infra.tracking_writer"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, start_new_session=True,
+        )  # fmt: skip
+        self._reader = threading.Thread(target=self._read_replies, name="flashdmd-mlflow-replies", daemon=True)
+        self._reader.start()
+        self._send(setup)
+
+    # -- the interface ---------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id; None only while the store has not answered since the start."""
+        return self._run_id
+
+    @property
+    def writer_pid(self) -> int:
+        """The process id of the writer process (for resource accounting)."""
+        return self._proc.pid
+
+    @property
+    def skip_through(self) -> int:
+        """Steps up to this one are already recorded and are not logged again."""
+        return self._skip_through
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Record ``metrics`` at ``step``: one JSONL line; the writer sends it to MLflow."""
+        if step <= self._skip_through or not metrics:
+            return
+        values = {}
+        for key, value in metrics.items():
+            if key not in self._valid_keys:  # MLflow would reject the whole batch later
+                _check_key(key)
+                self._valid_keys.add(key)
+            values[key] = float(value)
+        line = json.dumps({"step": step, "time": int(time.time() * 1000), "metrics": values}).encode() + b"\n"
+        with self._lock:
+            self._jsonl.write(line)
+            self._jsonl.flush()  # the writer process reads the file
+
+    def log_images(self, name: str, images: torch.Tensor, step: int) -> None:
+        """A PNG grid of ``images`` ([N, 3, H, W] in [-1, 1]) as artifact samples/<name>/step_<step>.png."""
+        _check_key(name)
+        path = self._run_dir / "samples" / name / f"step_{step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image_grid(images)).save(path, compress_level=1)  # fast; grids are small
+        self._send({"op": "artifact", "path": str(path), "dir": f"samples/{name}"})
+
+    def log_config(self, cfg: Config) -> None:
+        """The resolved config (config/config.yaml) and the reproducibility bundle (config/repro.json)."""
+        files = {"config.yaml": to_yaml(cfg), "repro.json": json.dumps(repro_bundle(cfg), indent=2)}
+        for name, text in files.items():
+            (self._run_dir / name).write_text(text)
+            self._send({"op": "artifact", "path": str(self._run_dir / name), "dir": "config"})
+
+    def log_checkpoint(self, path: str | Path, step: int) -> None:
+        """Reference a checkpoint by path (tags; multi-GB checkpoints are not uploaded)."""
+        tags = {"checkpoint.path": _clip(str(path), MAX_TAG_VAL_LENGTH), "checkpoint.step": str(step)}
+        self._send({"op": "tags", "tags": tags})
+
+    def flush(self, timeout_s: float = 60.0) -> bool:
+        """Wait until everything logged so far is in the store; False if not within ``timeout_s``."""
+        with self._lock:
+            flush_id, self._next_flush = self._next_flush, self._next_flush + 1
+            done = self._flushed[flush_id] = threading.Event()
+        self._send({"op": "flush", "id": flush_id})
+        return done.wait(timeout_s)
+
+    def close(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
+        """Send what is left, mark the run ``status`` (FINISHED, FAILED, KILLED), end the writer.
+
+        What does not reach the store within ``timeout_s`` stays in the JSONL copy; the writer's
+        message on stderr says how to send it later.
+        """
+        if status not in STATUSES:
+            raise ValueError(f"close(status={status!r}): use FINISHED, FAILED or KILLED")
+        self._send({"op": "close", "status": status, "timeout_s": timeout_s})
+        with self._lock:
+            self._jsonl.close()
+        try:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=timeout_s + 30)
+        except (OSError, subprocess.TimeoutExpired):
+            self._proc.kill()
+            self._proc.wait()
+        self._reader.join(timeout=5)
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until the run exists, or the first attempt to reach the store has failed."""
+        return self._ready.wait(timeout_s)
+
+    # -- the pipe to the writer -------------------------------------------------------------
+
+    def _send(self, message: dict[str, Any]) -> None:
+        with self._lock:
+            if self._writer_gone:
+                return
+            try:
+                self._proc.stdin.write(json.dumps(message) + "\n")
+                self._proc.stdin.flush()
+            except (OSError, ValueError):
+                self._writer_gone = True
+                print(
+                    f"MLflow: the writer process is gone (exit code {self._proc.poll()}); training continues and "
+                    f"metrics go to {self.jsonl_path}; send them later with `python -m flashdmd.infra.tracking_writer "
+                    f"sync {self.jsonl_path} {self._run_id} --uri {self._uri}`",
+                    file=sys.stderr,
+                )
+
+    def _read_replies(self) -> None:
+        for line in self._proc.stdout:
+            reply = json.loads(line)
+            if "run_id" in reply:
+                self._run_id = reply["run_id"]
+                self._ready.set()
+            elif "unreachable" in reply:
+                self._ready.set()
+            elif "flushed" in reply:
+                with self._lock:
+                    for flush_id in [i for i in self._flushed if i <= reply["flushed"]]:
+                        self._flushed.pop(flush_id).set()
+            elif "closed" in reply:
+                self._closed_ok = reply["closed"]
+        self._ready.set()
+
+
+def open_tracker(
+    cfg: Config,
+    rank: int,
+    run_id: str | None,
+    parent_run_id: str | None = None,
+    *,
+    stage: str | None = None,
+    connect_timeout_s: float = 60.0,
+    flush_interval_s: float = 1.0,
+) -> Tracker | NullTracker:
+    """The run's tracker: a ``Tracker`` on rank 0, a ``NullTracker`` on every other rank.
+
+    ``run_id`` (from the checkpoint) continues that MLflow run; None starts a new one.
+    ``parent_run_id`` links a stage-2 run to its stage-1 run (MLflow's parent tag, so the UI nests
+    it).  ``stage`` defaults to "stage2" when ``cfg.stage2.init_from`` is set, else "stage1".
+    Waits at most ``connect_timeout_s`` for the run to exist; if the store does not answer,
+    training goes on and the run is created when it does.
+    """
+    if rank != 0:
+        return NullTracker()
+    uri = cfg.tracking_uri
+    location = None
+    if uri.startswith("sqlite:"):
+        Path(cfg.run_root).mkdir(parents=True, exist_ok=True)
+        location = (Path(cfg.run_root).resolve() / "mlartifacts").as_uri()
+    setup = {
+        "uri": uri,
+        "experiment": cfg.tracking.experiment,
+        "artifact_location": location,
+        "run_name": cfg.tracking.run_name or cfg.name,
+        "run_id": run_id,
+        "parent_run_id": parent_run_id,
+        "params": config_params(cfg),
+        "tags": run_tags(cfg, stage or ("stage2" if cfg.stage2.init_from else "stage1"), git_state()),
+        "jsonl": str((cfg.run_dir / JSONL_NAME).resolve()),
+        "flush_interval_s": flush_interval_s,
+    }
+    tracker = Tracker(setup, cfg.run_dir, continuing=run_id is not None)
+    tracker.wait_ready(connect_timeout_s)
+    return tracker

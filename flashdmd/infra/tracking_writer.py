@@ -1,0 +1,309 @@
+"""The MLflow writer process of a run, and the re-sync of a run from its JSONL metrics copy.
+
+``flashdmd.infra.tracking.Tracker`` (in the training process) starts ``python -m flashdmd.infra.tracking_writer``
+and talks to it with JSON lines: a setup message, then operations (artifacts, tags, flush, close)
+on stdin; the run id and acknowledgements come back on stdout.  Metrics do not cross the pipe: the
+writer tails ``<run_dir>/metrics.jsonl``, which the training process appends to.
+
+Why a process and not a thread: MLflow's SQLite store spends ~40 us of Python per metric point in
+SQLAlchemy; in a thread of the training process that work holds the GIL and measurably slowed a
+20 ms training step (bench/tracking_overhead.py).  In its own process it costs the trainer nothing
+but one JSONL line per step.
+
+Failure model: every operation is retried in order with exponential backoff (up to 30 s); the first
+failure of an outage is reported once on stderr.  Metrics sent before a failure may or may not
+have landed, so after any failure (and when continuing a run) the writer re-syncs from the JSONL
+copy with ``sync_from_jsonl``, which sends only the (key, step) points the run lacks.  When the
+training process closes the tracker, or dies (stdin closes), the writer keeps trying until a
+deadline, marks the run FINISHED/KILLED/FAILED and exits.
+
+``python -m flashdmd.infra.tracking_writer sync JSONL RUN_ID --uri URI`` re-syncs a run by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the child under the parent
+EOF = None  # the stdin reader's marker for "the training process is gone"
+
+
+def _lines(data: bytes) -> list[dict[str, Any]]:
+    records = []
+    for line in data.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn line from a crash mid-write
+            continue
+    return records
+
+
+def read_jsonl(path: str | Path, start_bytes: int = 0, upto_bytes: int | None = None) -> list[dict[str, Any]]:
+    """The records of a metrics JSONL file between two byte offsets."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, "rb") as handle:
+        handle.seek(start_bytes)
+        data = handle.read() if upto_bytes is None else handle.read(max(upto_bytes - start_bytes, 0))
+    return _lines(data)
+
+
+def read_new(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """The complete lines of ``path`` after byte ``offset`` and the offset after the last of them."""
+    if not path.is_file():
+        return [], offset
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        data = handle.read()
+    end = data.rfind(b"\n") + 1  # a line being written is left for the next pass
+    return _lines(data[:end]), offset + end
+
+
+def _metrics(records: list[dict[str, Any]]) -> list[Metric]:
+    return [Metric(k, float(v), r["time"], r["step"]) for r in records for k, v in r["metrics"].items()]
+
+
+def _log_metrics(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
+    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
+
+
+def sync_from_jsonl(
+    jsonl_path: str | Path,
+    run_id: str,
+    client: MlflowClient | str,
+    start_bytes: int = 0,
+    upto_bytes: int | None = None,
+) -> int:
+    """Send every (key, step) point of the JSONL copy that run ``run_id`` lacks; return how many.
+
+    ``client`` is an ``MlflowClient`` or a tracking URI.  Points the run holds are left as they
+    are, so a second call, or a call after a clean run, sends nothing.
+    """
+    client = MlflowClient(tracking_uri=client) if isinstance(client, str) else client
+    records = read_jsonl(jsonl_path, start_bytes, upto_bytes)
+    keys = {key for record in records for key in record["metrics"]}
+    present = {key: {m.step for m in client.get_metric_history(run_id, key)} for key in keys}
+    missing = [m for m in _metrics(records) if m.step not in present[m.key]]
+    _log_metrics(client, run_id, missing)
+    return len(missing)
+
+
+def _batched(client: MlflowClient, run_id: str, params: dict[str, str], tags: dict[str, str]) -> None:
+    items_p = [Param(k, v) for k, v in params.items()]
+    items_t = [RunTag(k, v) for k, v in tags.items()]
+    for start in range(0, len(items_p), MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, params=items_p[start : start + MAX_PARAMS_TAGS_PER_BATCH])
+    for start in range(0, len(items_t), MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=items_t[start : start + MAX_PARAMS_TAGS_PER_BATCH])
+
+
+class Writer:
+    """Owns the MlflowClient; ``serve`` runs until the tracker closes or the trainer is gone."""
+
+    def __init__(self, setup: dict[str, Any], replies: TextIO) -> None:
+        self.setup = setup
+        self.replies = replies
+        self.client = MlflowClient(tracking_uri=setup["uri"])
+        self.jsonl = Path(setup["jsonl"])
+        self.interval = float(setup["flush_interval_s"])
+        self.run_id: str | None = None
+        self.ops: list[dict[str, Any]] = []
+        self.flush_ids: list[int] = []
+        self.offset = 0  # JSONL bytes known to be in the run
+        self.needs_sync = setup["run_id"] is not None  # a continued run may lack lines of its copy
+        self.failures = 0
+        self.deadline: float | None = None  # set once closing
+
+    def reply(self, message: dict[str, Any]) -> None:
+        self.replies.write(json.dumps(message) + "\n")
+        self.replies.flush()
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def experiment_id(self) -> str:
+        name = self.setup["experiment"]
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=self.setup["artifact_location"])
+        except Exception:
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def new_run(self, extra_tags: dict[str, str]) -> str:
+        tags = {**self.setup["tags"], **extra_tags}
+        parent = self.setup["parent_run_id"]
+        if parent:
+            tags[PARENT_TAG] = parent
+            tags["flashdmd.parent_run_id"] = parent
+        run = self.client.create_run(self.experiment_id(), run_name=self.setup["run_name"], tags=tags)
+        _batched(self.client, run.info.run_id, self.setup["params"], {})
+        return run.info.run_id
+
+    def start_run(self) -> str:
+        """Create the run, or reopen the one being continued (params are immutable: only new keys)."""
+        run_id = self.setup["run_id"]
+        if run_id is None:
+            return self.new_run({})
+        try:
+            run = self.client.get_run(run_id)
+        except Exception as err:
+            if "RESOURCE_DOES_NOT_EXIST" not in f"{getattr(err, 'error_code', '')} {err}":
+                raise
+            print(f"MLflow: run {run_id} is not in {self.client.tracking_uri}; starting a new run", file=sys.stderr)
+            return self.new_run({"flashdmd.continues": run_id})
+        params, old = self.setup["params"], run.data.params
+        changed = sorted(k for k, v in params.items() if k in old and old[k] != v)
+        tags = {"flashdmd.resume_count": str(int(run.data.tags.get("flashdmd.resume_count", "0")) + 1)}
+        if changed:
+            tags["flashdmd.config_changed_on_resume"] = ",".join(changed)[:8000]
+        self.client.update_run(run_id, status="RUNNING")
+        _batched(self.client, run_id, {k: v for k, v in params.items() if k not in old}, tags)
+        return run_id
+
+    def apply(self, op: dict[str, Any]) -> None:
+        kind = op["op"]
+        if kind == "artifact":
+            self.client.log_artifact(self.run_id, op["path"], op["dir"])
+        elif kind == "tags":
+            _batched(self.client, self.run_id, {}, op["tags"])
+        elif kind == "terminate":
+            self.client.set_terminated(self.run_id, op["status"])
+        else:
+            raise ValueError(f"unknown tracker operation {kind!r}")
+
+    # -- delivery ---------------------------------------------------------------------------
+
+    def deliver(self) -> bool:
+        """Send what is pending, in order; on failure keep it, report once, return False."""
+        try:
+            if self.run_id is None:
+                self.run_id = self.start_run()
+                self.reply({"run_id": self.run_id})
+            while self.ops:
+                self.apply(self.ops[0])
+                self.ops.pop(0)
+            records, end = read_new(self.jsonl, self.offset)
+            if self.needs_sync:
+                sent = sync_from_jsonl(self.jsonl, self.run_id, self.client, self.offset, end)
+                if self.failures:
+                    print(f"MLflow: {self.client.tracking_uri} answers again; re-synced {sent} points", file=sys.stderr)
+                self.needs_sync = False
+            else:
+                _log_metrics(self.client, self.run_id, _metrics(records))
+            self.offset = end
+        except Exception as err:  # noqa: BLE001 - any store failure must leave training running
+            self.needs_sync = self.run_id is not None
+            if not self.failures:
+                first = str(err).splitlines()[0][:300] if str(err) else ""
+                print(
+                    f"MLflow: cannot reach {self.client.tracking_uri} ({type(err).__name__}: {first}); training "
+                    f"continues, metrics go to {self.jsonl} and are re-synced when the store answers",
+                    file=sys.stderr,
+                )
+                self.reply({"unreachable": True})
+            self.failures += 1
+            return False
+        self.failures = 0
+        return True
+
+    def take(self, message: dict[str, Any] | None) -> None:
+        if message is EOF:  # the trainer died without closing
+            if self.deadline is None:
+                self.ops.append({"op": "terminate", "status": "FAILED"})
+                self.deadline = time.time() + 60.0
+        elif message["op"] == "flush":
+            self.flush_ids.append(message["id"])
+        elif message["op"] == "close":
+            self.ops.append({"op": "terminate", "status": message["status"]})
+            self.deadline = time.time() + float(message["timeout_s"])
+        else:
+            self.ops.append(message)
+
+    def serve(self, inbox: queue.Queue[dict[str, Any] | None]) -> bool:
+        """Deliver until closed; True when everything reached the store."""
+        wait = 0.0  # the first pass starts the run at once
+        while True:
+            try:
+                self.take(inbox.get(timeout=wait))
+                while True:
+                    self.take(inbox.get_nowait())
+            except queue.Empty:
+                pass
+            ok = self.deliver()
+            if ok:
+                for flush_id in self.flush_ids:
+                    self.reply({"flushed": flush_id})
+                self.flush_ids.clear()
+            if self.deadline is not None and (ok or time.time() > self.deadline):
+                self.reply({"closed": ok})
+                return ok
+            wait = min(self.interval * 2**self.failures, 30.0) if self.failures else self.interval
+            if self.deadline is not None:
+                wait = min(wait, max(self.deadline - time.time(), 0.0))
+
+
+def _read_stdin(stream: TextIO, inbox: queue.Queue[dict[str, Any] | None]) -> None:
+    for line in stream:
+        inbox.put(json.loads(line))
+    inbox.put(EOF)
+
+
+def serve_main() -> int:
+    replies = os.fdopen(os.dup(1), "w")  # the protocol keeps the real stdout ...
+    os.dup2(2, 1)  # ... and anything printed by libraries goes to stderr
+    setup = json.loads(sys.stdin.readline())
+    inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    threading.Thread(target=_read_stdin, args=(sys.stdin, inbox), daemon=True).start()
+    writer = Writer(setup, replies)
+    ok = writer.serve(inbox)
+    if not ok:
+        print(
+            f"MLflow: not everything reached {setup['uri']}; the metrics are in {setup['jsonl']}; send them with "
+            f"`python -m flashdmd.infra.tracking_writer sync {setup['jsonl']} {writer.run_id} --uri {setup['uri']}`",
+            file=sys.stderr,
+        )
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        # Slurm signals every process of the job step (USR1 ahead of the time limit), and Ctrl-C
+        # the whole foreground group: the writer keeps going and ends when the trainer closes it
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        return serve_main()
+    parser = argparse.ArgumentParser(prog="python -m flashdmd.infra.tracking_writer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sync = sub.add_parser("sync", help="send the points of a metrics.jsonl copy that the MLflow run lacks")
+    sync.add_argument("jsonl")
+    sync.add_argument("run_id")
+    sync.add_argument(
+        "--uri", required=True, help="tracking URI, e.g. http://host:5000 or sqlite:////abs/runs/mlflow.db"
+    )
+    args = parser.parse_args(argv)
+    print(f"sent {sync_from_jsonl(args.jsonl, args.run_id, args.uri)} points to run {args.run_id} at {args.uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,1 +1,0 @@
-"""Quality metrics: exact ones for the gmm2d toy world (``gmm``)."""

@@ -1,0 +1,251 @@
+"""The one training entry point: stage 1 or stage 2 on any family and engine (DESIGN.md, "run").
+
+``main(cfg, job)`` builds everything from the resolved config and runs the loop in sections:
+setup (process group, networks, engine), resume (newest valid checkpoint of this run, or for a
+new stage-2 run the stage-1 hand-over), loop (batch -> algorithm step -> metrics -> monitor ->
+checkpoint / preemption), and finish (final checkpoint and the hand-over of full weights).
+
+The same function runs under torchrun, srun, submitit or a plain ``python -m flashdmd.train.main``:
+the launcher only sets environment variables (``flashdmd.infra.distributed``). Re-running the same
+command resumes from the newest valid checkpoint in the same MLflow run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flashdmd.algo.stage1 import Stage1
+from flashdmd.algo.stage2 import Stage2
+from flashdmd.train.checkpoint import latest_valid, load_checkpoint, save_checkpoint
+from flashdmd.config.cli import config_from_cli
+from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, to_yaml
+from flashdmd.infra.distributed import DistContext, barrier, init_distributed, shutdown
+from flashdmd.engine.base import Engine
+from flashdmd.engine.factory import build_engine, optim_specs
+from flashdmd.engine.state_io import load_json
+from flashdmd.nets.parts import Parts
+from flashdmd.nets.registry import build_parts
+from flashdmd.train.preemption import Preemption
+from flashdmd.train.batches import build_batches
+from flashdmd.train.compat import check_resume, checkpoint_identity
+from flashdmd.train.faults import Faults, activate
+from flashdmd.train.guard import ROLLBACK, StepGuard
+from flashdmd.train.handoff import Handoff, apply_handoff, read_handoff, write_handoff
+from flashdmd.train.health import HealthMonitor
+from flashdmd.train.monitor import build_monitor
+from flashdmd.infra.tracking import NullTracker, open_tracker
+
+log = logging.getLogger("flashdmd.train")
+JOBS = ("stage1", "stage2")
+
+
+def main(cfg: Config, job: str) -> Path:
+    """Run ``job`` (stage1 | stage2) to ``iterations``; returns the hand-over folder of full weights."""
+    if job not in JOBS:
+        raise ValueError(f"job must be one of {JOBS}, got {job!r}")
+    if job == "stage2" and not cfg.stage2.init_from:
+        raise ConfigError("stage 2 needs stage2.init_from: the stage-1 run directory (or its 'final' folder)")
+    ctx = init_distributed(cfg)
+    split_cpu_threads(ctx)
+    try:
+        return Trainer(cfg, job, ctx).run()
+    finally:
+        shutdown()
+
+
+def split_cpu_threads(ctx: DistContext) -> None:
+    """On CPU, give each of the node's ranks its share of the cores for intra-op threads.
+
+    torch's default gives every process all cores, so two ranks on two cores ran four threads
+    that spin against each other: a tiny-sdxl stage-1 step took 4.0-6.5 s per rank against 0.30 s
+    with one thread each (issue 10). An explicit OMP_NUM_THREADS (slurm/env.sh sets it) wins, and
+    a process already set to fewer threads keeps them."""
+    if ctx.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // max(1, ctx.local_world_size))
+    torch.set_num_threads(min(torch.get_num_threads(), share))
+
+
+class Trainer:
+    def __init__(self, cfg: Config, job: str, ctx: DistContext) -> None:
+        self.cfg, self.job, self.ctx = cfg, job, ctx
+        self.stage = 1 if job == "stage1" else 2
+        self.updates: dict[str, int] = {}  # optimizer steps per trainable network (TTUR, RL:DM made visible)
+        self.iterations = cfg.stage1.iterations if self.stage == 1 else cfg.stage2.iterations
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _build_parts(self) -> Parts:
+        cache_dir = Path(self.cfg.model.cache_dir or Path(self.cfg.run_root) / "cache")
+        # rank 0 first: tiny presets and the toy teacher are built once into the cache, then read
+        if self.ctx.rank == 0:
+            parts = build_parts(self.cfg, cache_dir)
+        barrier()
+        if self.ctx.rank != 0:
+            parts = build_parts(self.cfg, cache_dir)
+        return parts
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed + self.ctx.rank)
+        self.parts = self._build_parts()
+        text_encoder = self.parts.extras.get("text_encoder")
+        if text_encoder is not None:  # frozen, outside the engine: encodes prompts where the nets run
+            text_encoder.to(self.ctx.device)
+        self.handoff: Handoff | None = None
+        frozen = self.parts.frozen()
+        if self.stage == 2:
+            self.handoff = read_handoff(cfg.stage2.init_from)
+            apply_handoff(self.handoff, self.parts.trainable(), cfg)
+            # spec 2.4: the reference policy is the generator before RL, frozen
+            frozen["reference"] = copy.deepcopy(self.parts.generator)
+        self.engine: Engine = build_engine(cfg, self.ctx.device)
+        self.engine.setup(self.parts.trainable(), optim_specs(cfg, self.stage), frozen)
+        stage1 = Stage1(cfg.stage1, self.parts, self.engine, cfg.seed)
+        self.algo = stage1 if self.stage == 1 else Stage2(cfg, self.parts, self.engine, cfg.seed, stage1)
+        # issue 11: non-finite steps, health monitors, and test-only faults (FLASHDMD_FAULTS)
+        self.guard = StepGuard(cfg.health, self.engine)
+        self.health = HealthMonitor(cfg, self.parts, self.stage, lambda s: stage1.steps[stage1.plan(s).dm_index],
+                                    self.ctx.rank) if cfg.health.monitors else None
+        self.faults = Faults.from_env({**self.parts.trainable(), **frozen}, self.ctx.rank)
+        activate(self.faults)
+
+    # -- resume ---------------------------------------------------------------------------------
+    def _resume(self) -> tuple[int, str | None, dict[str, Any] | None]:
+        path = latest_valid(self.cfg.checkpoint_dir)
+        if path is None:
+            return 0, None, None
+        check_resume(load_json(path / "trainer.json"), self.cfg, self.job, path)
+        resumed = load_checkpoint(self.engine, path)
+        self.guard.load_state_dict(resumed.trainer.get("guard", {}))
+        self.updates.update(resumed.trainer.get("updates", {}))
+        if self.health is not None:
+            self.health.load_state_dict(resumed.trainer.get("health", {}))
+        if self.ctx.is_main:
+            log.info("resuming from %s (step %d)", path, resumed.step)
+        return resumed.step, resumed.trainer.get("mlflow_run_id"), resumed.rank_state.get("data")
+
+    def _open_tracker(self, run_id: str | None) -> NullTracker:
+        parent = self.handoff.run_id if self.handoff else None
+        tracker = open_tracker(self.cfg, self.ctx.rank, run_id, parent, stage=self.job)
+        if self.ctx.is_main and run_id is None:
+            self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.cfg.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            tracker.log_config(self.cfg)
+        return tracker
+
+    # -- loop -----------------------------------------------------------------------------------
+    def run(self) -> Path:
+        cfg = self.cfg
+        self._setup()
+        step, run_id, data_state = self._resume()
+        tracker = self._open_tracker(run_id)
+        batches = build_batches(cfg, self.parts, self.ctx.rank, self.ctx.world_size, self.ctx.device, data_state)
+        monitor = build_monitor(cfg, self.parts, self.ctx.device)
+        preemption = Preemption(cfg, self.ctx)
+        status = "FAILED"
+        try:
+            while step < self.iterations:
+                started = time.perf_counter()
+                batch = batches.next_batch(step)
+                self.faults.begin(step + 1)
+                metrics = self.algo.step(step, batch)
+                self.faults.end()
+                if self.guard.check(step + 1, metrics) == ROLLBACK:
+                    step, batches = self._rollback(step + 1)
+                    continue
+                if self.health is not None:
+                    self.health.observe(step, metrics)
+                self._count_updates(metrics)
+                step += 1
+                if step % cfg.tracking.log_every == 0 or step == self.iterations:
+                    elapsed = time.perf_counter() - started
+                    logged = self._run_metrics(metrics, elapsed, batch.size, batches.bad_counts())
+                    logged.update(self.guard.metrics())
+                    logged.update({f"updates/{net}": float(n) for net, n in self.updates.items()})
+                    if self.health is not None:
+                        logged.update(self.health.measure(self.engine, batch, step, metrics))
+                    tracker.log_metrics(logged, step)
+                if cfg.tracking.sample_every and step % cfg.tracking.sample_every == 0:
+                    monitor(self.engine, tracker, step)
+                stop = preemption.should_stop(step)
+                if stop or step % cfg.checkpoint.every == 0 or step == self.iterations:
+                    self._save(step, tracker, batches.state_dict())
+                if stop:
+                    status = "KILLED"  # the requeued job continues this MLflow run
+                    preemption.stop(step)
+            folder = write_handoff(self.engine, self.parts.trainable(), cfg, step, tracker.run_id)
+            status = "FINISHED"
+            return folder
+        finally:
+            tracker.close(status)
+
+    def _run_metrics(self, metrics: dict[str, float], elapsed: float, batch_size: int,
+                     bad: dict[str, int]) -> dict[str, float]:
+        out = dict(metrics)
+        out["perf/step_s"] = elapsed
+        out["perf/samples_per_s"] = batch_size * self.ctx.world_size / max(elapsed, 1e-9)
+        if self.ctx.device.type == "cuda":
+            out["perf/max_memory_gb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+        else:
+            out["perf/max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        out.update({f"data/bad_{reason}": float(n) for reason, n in bad.items()})
+        return out
+
+    def _rollback(self, at_step: int) -> tuple[int, Any]:
+        """Too many non-finite steps in a row: back to the newest valid checkpoint, lower rates."""
+        path = latest_valid(self.cfg.checkpoint_dir)
+        if path is None:
+            raise self.guard.no_checkpoint(at_step)
+        resumed = load_checkpoint(self.engine, path)
+        self.guard.rolled_back(resumed.step)
+        batches = build_batches(self.cfg, self.parts, self.ctx.rank, self.ctx.world_size, self.ctx.device,
+                                resumed.rank_state.get("data"))
+        return resumed.step, batches
+
+    def _count_updates(self, metrics: dict[str, float]) -> None:
+        # the algorithm reports "<net>_lr" exactly for the networks it stepped; a skipped
+        # (non-finite) update reports "<net>_skipped" = 1 and is not counted
+        for net in self.parts.trainable():
+            if f"{net}_lr" in metrics and not metrics.get(f"{net}_skipped", 0.0):
+                self.updates[net] = self.updates.get(net, 0) + 1
+
+    def _save(self, step: int, tracker: NullTracker, data_state: dict[str, Any]) -> None:
+        health = self.health.state_dict() if self.health is not None else {}
+        path = save_checkpoint(
+            self.engine, self.cfg.checkpoint_dir, step,
+            trainer={"mlflow_run_id": tracker.run_id, **checkpoint_identity(self.cfg, self.job),
+                     "guard": self.guard.state_dict(), "health": health, "updates": self.updates},
+            rank_state={"data": data_state}, keep_last=self.cfg.checkpoint.keep_last,
+        )
+        tracker.log_checkpoint(path, step)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m flashdmd.train", description="Run stage 1 or stage 2 in this process "
+                                     "(one rank; launchers start one per GPU).")
+    parser.add_argument("--job", choices=JOBS, required=True)
+    parser.add_argument("--config", default=DEFAULT_PRESET, help="preset name in jobs/configs or a YAML path")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return parser.parse_intermixed_args(argv)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = config_from_cli(args.config, args.overrides, args.job)
+    folder = main(cfg, args.job)
+    print(f"{args.job} finished; full weights in {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,165 @@
+"""The memory planner (flashdmd/apps/plan.py) against the public architectures and against the
+real engines: on tiny-sdxl its parameter, gradient and optimizer bytes per rank must match what
+the local engine (one process), FSDP2 and DeepSpeed ZeRO-3 (two gloo ranks) actually hold after a
+stage-1 iteration, within TOLERANCE per network and kind (issue 10, item 7). Activations are
+a rough estimate and are not compared."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from engine_world import run_ranks, stage1_batch
+from torch import Tensor
+
+from flashdmd.config import load_config
+from flashdmd.apps.plan import GIB, architecture, count, lora_count, plan
+
+TOLERANCE = 0.15  # relative, per network and kind (issue 10: "within 15 %")
+KINDS = ("params", "grads", "optimizer")
+NETS = ("generator", "fake_score", "discriminator")
+
+
+def _local(t: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _bytes(tensors) -> int:
+    return sum(_local(t).numel() * _local(t).element_size() for t in tensors if t is not None)
+
+
+def _config(kind: str, cache: str):
+    return load_config("tiny-sdxl", [f"engine.kind={kind}", f"model.cache_dir={cache}", "model.lora.enabled=false"])
+
+
+def measure_stage1(kind: str, cache: str) -> dict[str, Tensor]:
+    """One tiny-sdxl stage-1 iteration on this rank's engine; the bytes each trainable network
+    holds: parameters (local shards), gradients just before its optimizer step, optimizer state."""
+    import torch.distributed as dist
+
+    from flashdmd.algo.stage1 import Stage1
+    from flashdmd.engine.factory import build_engine, optim_specs
+    from flashdmd.nets.registry import build_parts
+
+    cfg = _config(kind, cache)
+    torch.manual_seed(0)
+    parts = build_parts(cfg, Path(cache))
+    engine = build_engine(cfg, torch.device("cpu"))
+    engine.setup(parts.trainable(), optim_specs(cfg), parts.frozen())
+    modules = {name: engine[name] for name in NETS}
+    grads: dict[str, int] = {}
+    step = engine.step
+
+    def measured_step(name: str) -> dict[str, float]:
+        grads[name] = _bytes(p.grad for p in modules[name].parameters())
+        return step(name)
+
+    engine.step = measured_step
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    Stage1(cfg.stage1, parts, engine, cfg.seed).step(0, stage1_batch(parts, 0, rank, world))
+    out = {}
+    if kind == "deepspeed":  # partitions live in DeepSpeed's flat buffers; the engine reads them out
+        report = engine.memory_report()
+        out = {f"{name}.{k}": torch.tensor(report[name][k]) for name in NETS for k in KINDS}
+    for name in (() if out else NETS):
+        opt = engine.optimizers[name]
+        state = [v for s in opt.state.values() for v in s.values() if isinstance(v, Tensor) and v.dim() > 0]
+        out[f"{name}.params"] = torch.tensor(_bytes(modules[name].parameters()))
+        out[f"{name}.grads"] = torch.tensor(grads[name])
+        out[f"{name}.optimizer"] = torch.tensor(_bytes(state))
+    if dist.is_initialized():  # the largest rank's figure: what the planner must cover
+        for value in out.values():
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return out
+
+
+def _compare(measured: dict[str, Tensor], planned) -> None:
+    for name in NETS:
+        row = planned.row(name)
+        for kind in KINDS:
+            got, want = int(measured[f"{name}.{kind}"]), getattr(row, kind)
+            assert got > 0, f"{name}.{kind}: nothing measured"
+            assert abs(want - got) <= TOLERANCE * got, f"{name}.{kind}: planned {want} B, measured {got} B"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from flashdmd.nets.registry import build_parts
+
+    folder = tmp_path_factory.mktemp("planner-cache")
+    build_parts(_config("local", str(folder)), folder)  # build the tiny weights once, before ranks start
+    return str(folder)
+
+
+def test_real_parameter_counts_match_the_published_models() -> None:
+    """Meta-device instances of the real configs give the published sizes (diffusers docs / model cards)."""
+    sdxl = architecture(load_config("sdxl-4step"))
+    assert count(sdxl.denoiser) == 2_567_463_684  # SDXL-base UNet
+    assert count(sdxl.vae) == 83_653_863  # SD/SDXL VAE
+    assert 300e6 < count(sdxl.sam) < 310e6  # SAM ViT-L image encoder (~308 M)
+    assert count(architecture(load_config("sd15-4step")).denoiser) == 859_520_964  # SD1.5 UNet
+    sd3 = architecture(load_config("sd3-medium-4step"))
+    assert count(sd3.denoiser) == 2_028_328_000  # SD3-Medium MMDiT (~2 B)
+    assert all(p.device.type == "meta" for p in sd3.denoiser.parameters())
+
+
+def test_lora_count_matches_peft(cache: str) -> None:
+    """The analytic LoRA count equals what PEFT actually attaches to the tiny SD3 transformer."""
+    from flashdmd.nets.families import get_family
+    from flashdmd.nets.lora import add_lora
+    from flashdmd.nets.mmdit import MMDiTDenoiser
+    from flashdmd.nets.tiny import tiny_teacher_pipeline
+
+    cfg = load_config("tiny-sd3", [f"model.cache_dir={cache}"])
+    model = tiny_teacher_pipeline(get_family("tiny-sd3")).transformer
+    expected = lora_count(model, cfg.model.lora)
+    net = add_lora(MMDiTDenoiser(model, None), cfg.model.lora)
+    assert sum(p.numel() for p in net.parameters() if p.requires_grad) == expected > 0
+
+
+def test_local_engine_matches_the_plan(cache: str) -> None:
+    _compare(measure_stage1("local", cache), plan(_config("local", cache), 1, with_activations=False))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fsdp", "deepspeed"])
+def test_sharded_two_ranks_match_the_plan(kind: str, cache: str, tmp_path: Path) -> None:
+    measured = run_ranks(2, measure_stage1, kind, cache, tmp=tmp_path)
+    planned = plan(_config(kind, cache), 2, with_activations=False)
+    _compare(measured, planned)
+    local = plan(_config("local", cache), 1, with_activations=False)
+    for name in NETS:  # sharding halves every trainable row; ZeRO-3 adds the fp32 master partition
+        factor = 1.5 if kind == "deepspeed" else 1.0
+        assert planned.row(name).optimizer == pytest.approx(factor * local.row(name).optimizer / 2, rel=0.01)
+
+
+def test_sharding_offload_and_fit_verdict(cache: str) -> None:
+    """Invariants of the model: ZeRO-3 per-GPU states fall as 1/N, offload moves them to the
+    host, the verdict follows the GPU size, and a run that does not fit gets a change that fits."""
+    cfg = _config("local", cache)
+    arch = architecture(cfg)
+    zero3 = load_config("tiny-sdxl", [f"model.cache_dir={cache}", "engine.kind=deepspeed"])
+    two, four = plan(zero3, 2, arch=arch, with_activations=False), plan(zero3, 4, arch=arch, with_activations=False)
+    assert four.row("generator").optimizer == pytest.approx(two.row("generator").optimizer / 2, rel=0.01)
+    offload = load_config("tiny-sdxl", [f"model.cache_dir={cache}", "engine.kind=deepspeed",
+                                        "engine.offload_optimizer=true"])
+    moved = plan(offload, 2, arch=arch, with_activations=False).row("generator")
+    assert moved.optimizer == moved.grads == 0 and moved.host == two.row("generator").optimizer + two.row("generator").grads
+    full = plan(cfg, 1, arch=arch, gpu_mem_gib=1000.0)
+    assert full.fits and not full.suggestion
+    assert all(full.row(r).activations > 0 for r in ("act: generator x2", "act: VAE decode", "act: SAM + heads"))
+    need = full.gpu_bytes / GIB
+    tight = plan(cfg, 1, arch=arch, gpu_mem_gib=need * 0.8, reserve_gib=0.0)
+    assert not tight.fits and tight.suggestion
+
+
+def test_cli_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from flashdmd.apps.plan import cli
+
+    assert cli(["--config", "sdxl-4step", "--nodes", "4", "--gpu-mem", "10000", "--matrix"]) == 0
+    out = capsys.readouterr().out
+    assert "sdxl on 32 GPU(s)" in out and "generator" in out and "fits" in out
+    assert "ZeRO-3 + optimizer offload" in out and "FSDP2" in out

@@ -1,0 +1,203 @@
+"""flashdmd.infra.tracking against MLflow's SQLite store and a real ``mlflow server`` on 127.0.0.1.
+
+What is checked is read back with ``MlflowClient``: params, per-step metric history, tags,
+artifacts, the JSONL copy, continuation of a run id without duplicated steps, the stage-2 parent
+link, and no lost step across store outages at the start and in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow_server import MlflowServer, free_port
+from PIL import Image
+
+from flashdmd.config import flatten, from_yaml, load_config, to_dict
+from flashdmd.infra.tracking import (
+    PARENT_TAG,
+    NullTracker,
+    Tracker,
+    image_grid,
+    open_tracker,
+    read_jsonl,
+    sync_from_jsonl,
+)
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory):
+    """One SQLite store for the module: creating its schema takes seconds."""
+    return tmp_path_factory.mktemp("runs")
+
+
+def make_cfg(run_root, name, *extra):
+    return load_config("tiny-sdxl", [f"run_root={run_root}", f"name={name}", *extra])
+
+
+def history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+@pytest.mark.slow  # each tracker starts a writer process that imports MLflow: seconds on a loaded machine
+def test_sqlite_store_holds_params_tags_metrics_artifacts_and_jsonl(run_root):
+    long_prompt = "a " * 4000  # 8000 characters: over MLflow's 6000-character param limit
+    cfg = make_cfg(
+        run_root, "basic", f"tracking.sample_prompts=[{long_prompt.strip()}]", "tracking.tags={team: vision}"
+    )
+    tracker = open_tracker(cfg, 0, None, flush_interval_s=0.1)
+    assert isinstance(tracker, Tracker) and tracker.run_id
+    for step in range(1, 6):
+        tracker.log_metrics({"loss/dm": 1.0 / step, "lr/generator": 1e-4 * step}, step)
+    images = torch.linspace(-1, 1, 4 * 3 * 8 * 8).reshape(4, 3, 8, 8)
+    tracker.log_images("grid", images, 5)
+    tracker.log_config(cfg)
+    tracker.log_checkpoint(cfg.checkpoint_dir / "step_00000005", 5)
+    tracker.close()
+
+    client = MlflowClient(cfg.tracking_uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "basic"
+    params = run.data.params
+    flat = flatten(to_dict(cfg))
+    assert set(params) == set(flat)
+    assert params["stage1.student_timesteps"] == str([999, 749, 499, 249])
+    assert len(params["tracking.sample_prompts"]) == 6000 and params["tracking.sample_prompts"].endswith("[truncated]")
+    tags = run.data.tags
+    assert (tags["family"], tags["stage"], tags["engine"], tags["nodes"], tags["world_size"]) == (
+        "tiny-sdxl",
+        "stage1",
+        "local",
+        "1",
+        "1",
+    )
+    assert tags["team"] == "vision" and len(tags["git_commit"]) in (0, 40)
+    assert tags["checkpoint.step"] == "5" and tags["checkpoint.path"].endswith("step_00000005")
+    assert history(client, tracker.run_id, "loss/dm") == [(s, 1.0 / s) for s in range(1, 6)]
+    assert history(client, tracker.run_id, "lr/generator") == pytest.approx([(s, 1e-4 * s) for s in range(1, 6)])
+
+    # artifacts: the PNG grid holds the images, the YAML loads back to the same config
+    png = client.download_artifacts(tracker.run_id, "samples/grid/step_00000005.png", str(run_root / "dl"))
+    assert np.array_equal(np.asarray(Image.open(png)), image_grid(images))
+    config_yaml = client.download_artifacts(tracker.run_id, "config/config.yaml", str(run_root / "dl"))
+    assert to_dict(from_yaml(Path(config_yaml).read_text())) == to_dict(cfg)
+    repro = json.loads(
+        Path(client.download_artifacts(tracker.run_id, "config/repro.json", str(run_root / "dl"))).read_text()
+    )
+    assert set(repro["packages"]) >= {"torch", "diffusers", "transformers", "deepspeed", "mlflow", "webdataset"}
+    assert repro["git"]["commit"] == tags["git_commit"]
+
+    records = read_jsonl(cfg.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[2]["metrics"] == {"loss/dm": 1.0 / 3, "lr/generator": 1e-4 * 3}
+    assert sync_from_jsonl(cfg.run_dir / "metrics.jsonl", tracker.run_id, cfg.tracking_uri) == 0
+
+
+@pytest.mark.slow
+def test_resume_continues_the_run_without_duplicate_steps_and_links_stage2(run_root):
+    cfg = make_cfg(run_root, "resume")
+    first = open_tracker(cfg, 0, None, flush_interval_s=0.1)
+    for step in range(1, 7):  # checkpoint at step 4, preempted after step 6
+        first.log_metrics({"loss/g": float(step)}, step)
+    first.close(status="KILLED")
+    # step 7 reached only the JSONL copy (the store was down) before the job died
+    with open(cfg.run_dir / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"step": 7, "time": int(time.time() * 1000), "metrics": {"loss/g": 7.0}}) + "\n")
+
+    cfg2 = make_cfg(run_root, "resume", "launch.max_requeues=5")
+    second = open_tracker(cfg2, 0, first.run_id, flush_interval_s=0.1)
+    assert second.run_id == first.run_id
+    assert second.skip_through == 7
+    for step in range(5, 10):  # replays 5 to 7 from the step-4 checkpoint
+        second.log_metrics({"loss/g": 100.0 + step}, step)
+    second.close()
+
+    client = MlflowClient(cfg.tracking_uri)
+    assert history(client, first.run_id, "loss/g") == [(s, float(s)) for s in range(1, 8)] + [
+        (s, 100.0 + s) for s in (8, 9)
+    ]
+    assert [r["step"] for r in read_jsonl(cfg.run_dir / "metrics.jsonl")] == list(range(1, 10))
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["launch.max_requeues"] == "3"
+    assert run.data.tags["flashdmd.resume_count"] == "1"
+    assert run.data.tags["flashdmd.config_changed_on_resume"] == "launch.max_requeues"
+
+    stage2 = make_cfg(run_root, "stage2", f"stage2.init_from={cfg.run_dir}")
+    child = open_tracker(stage2, 0, None, parent_run_id=first.run_id, flush_interval_s=0.1)
+    child.close()
+    tags = client.get_run(child.run_id).data.tags
+    assert tags[PARENT_TAG] == first.run_id and tags["stage"] == "stage2"
+    assert child.run_id != first.run_id
+
+
+def test_other_ranks_get_a_null_tracker_and_bad_input_is_named(run_root):
+    cfg = make_cfg(run_root, "rank1")
+    null = open_tracker(cfg, 1, None)
+    assert type(null) is NullTracker and null.run_id is None
+    null.log_metrics({"x": 1.0}, 1)
+    null.close()
+    assert not cfg.run_dir.exists()
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        image_grid(torch.zeros(2, 1, 4, 4))
+    tracker = open_tracker(make_cfg(run_root, "badkey"), 0, None, flush_interval_s=0.1)
+    with pytest.raises(ValueError, match="metric name 'loss\\?' is not valid"):
+        tracker.log_metrics({"loss?": 1.0}, 1)
+    with pytest.raises(ValueError, match="FINISHED, FAILED or KILLED"):
+        tracker.close(status="DONE")
+    tracker.close()
+
+
+def test_image_grid_places_each_image():
+    images = torch.stack([torch.full((3, 2, 2), v) for v in (-1.0, 0.0, 1.0)])
+    grid = image_grid(images)  # 2 x 2 cells of 2 px, 2 px padding around and between
+    assert grid.shape == (10, 10, 3) and grid.dtype == np.uint8
+    assert (grid[2:4, 2:4] == 0).all() and (grid[2:4, 6:8] == 128).all() and (grid[6:8, 2:4] == 255).all()
+    assert (grid[6:8, 6:8] == 0).all() and (grid[0:2] == 0).all() and (grid[:, 8:] == 0).all()
+
+
+@pytest.mark.slow
+def test_real_server_outages_at_start_and_mid_run_lose_no_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    server = MlflowServer(tmp_path / "server", port=free_port())
+    cfg = make_cfg(tmp_path / "runs", "server", f"tracking.uri={server.uri}")
+
+    # 1. nobody listens yet: training goes on, the run appears once the server does
+    tracker = open_tracker(cfg, 0, None, connect_timeout_s=5, flush_interval_s=0.1)
+    assert tracker.run_id is None
+    started = time.perf_counter()
+    for step in range(1, 4):
+        tracker.log_metrics({"loss/g": float(step)}, step)
+    assert time.perf_counter() - started < 0.5  # never waits on the store
+    server.start()
+    try:
+        assert tracker.flush(timeout_s=60) and tracker.run_id
+        tracker.log_images("grid", torch.zeros(2, 3, 8, 8), 3)
+        for step in range(4, 7):
+            tracker.log_metrics({"loss/g": float(step)}, step)
+        assert tracker.flush(timeout_s=60)
+
+        # 2. the server dies mid-run and comes back on the same port with the same store
+        server.stop()
+        for step in range(7, 10):
+            tracker.log_metrics({"loss/g": float(step)}, step)
+        assert not tracker.flush(timeout_s=1)
+        server.start()
+        for step in range(10, 12):
+            tracker.log_metrics({"loss/g": float(step)}, step)
+        tracker.close(timeout_s=60)
+
+        client = MlflowClient(server.uri)
+        assert history(client, tracker.run_id, "loss/g") == [(s, float(s)) for s in range(1, 12)]
+        run = client.get_run(tracker.run_id)
+        assert run.info.status == "FINISHED" and run.data.params["model.family"] == "tiny-sdxl"
+        assert [a.path for a in client.list_artifacts(tracker.run_id, "samples/grid")] == [
+            "samples/grid/step_00000003.png"
+        ]
+    finally:
+        server.stop()

@@ -1,0 +1,117 @@
+"""The gmm2d toy family, its exact metrics, and the distillation it exists to prove."""
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from flashdmd.config import load_config
+from flashdmd.diffusion.rollout import sample_student, timesteps_tensor
+from flashdmd.diffusion.sampler import sample_teacher
+from flashdmd.eval.gmm import mode_mass, modes_covered, sliced_w2
+from flashdmd.nets.gmm2d import GMM, build_gmm_parts, teacher_key
+from flashdmd.nets.interfaces import Decoder, Denoiser, Discriminator, RewardModel
+
+SMALL = ["model.gmm.teacher_steps=30", "model.gmm.hidden=32"]
+
+
+def test_gmm_from_config_and_sampler():
+    gmm = GMM.from_config(load_config("gmm2d").model.gmm)
+    assert gmm.num_modes == 8 and torch.allclose(gmm.means.norm(dim=1), torch.full((8,), 4.0))
+    x, labels = gmm.sample(40000, torch.Generator().manual_seed(0))
+    assert torch.allclose(torch.bincount(labels).float() / 40000, torch.full((8,), 0.125), atol=0.01)
+    assert (x - gmm.means[labels]).std().item() == pytest.approx(0.3, rel=0.02)
+    cfg = load_config("gmm2d", ["model.gmm.means=[[0, 0], [3, 0]]", "model.gmm.weights=[3, 1]", "model.gmm.reward_mode=1"])
+    custom = GMM.from_config(cfg.model.gmm)
+    assert custom.weights.tolist() == [0.75, 0.25] and custom.means.tolist() == [[0, 0], [3, 0]]
+
+
+def test_metrics_against_known_values():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 2, generator=g)
+    # SW2 between N(0, I) and N(0, I) shifted by d along x: W2 of the projection is |d cos(theta)|,
+    # and the root-mean over directions of d^2 cos^2 is d / sqrt(2)
+    assert sliced_w2(x, x + torch.tensor([2.0, 0.0]), 2000, g) == pytest.approx(2 / math.sqrt(2), rel=0.03)
+    assert sliced_w2(x, x.flip(0)) == pytest.approx(0.0, abs=1e-12)  # a permutation is the same set
+    means = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    pts = torch.tensor([[0.1, 0.0], [9.0, 1.0], [8.0, 0.0], [1.0, 1.0]])
+    mass = mode_mass(pts, means)
+    assert mass.tolist() == [0.5, 0.5, 0.0]
+    assert modes_covered(mass, torch.tensor([0.4, 0.4, 0.2])) == 2
+    with pytest.raises(ValueError, match="equal size"):
+        sliced_w2(x, x[:10])
+
+
+def test_parts_shapes_roles_and_teacher_cache(tmp_path):
+    cfg = load_config("gmm2d", SMALL)
+    t0 = time.time()
+    parts = build_gmm_parts(cfg, tmp_path)
+    files = list(tmp_path.glob("gmm2d-teacher-*.safetensors"))
+    assert [f.name for f in files] == [f"gmm2d-teacher-{teacher_key(cfg.model.gmm, 'v_prediction')}.safetensors"]
+    again = build_gmm_parts(cfg, tmp_path)  # from the cache: identical teacher, no retraining
+    assert all(torch.equal(a, b) for a, b in zip(parts.teacher.state_dict().values(), again.teacher.state_dict().values()))
+    assert time.time() - t0 < 120
+    x, t = torch.randn(5, 2), timesteps_tensor(500, 5, "cpu")
+    assert isinstance(parts.teacher, Denoiser) and isinstance(parts.decoder, Decoder)
+    assert isinstance(parts.discriminator, Discriminator) and isinstance(parts.reward, RewardModel)
+    for net in (parts.teacher, parts.generator, parts.fake_score):
+        assert net(x, t, {}).shape == (5, 2)
+    assert torch.equal(parts.generator(x, t, {}), parts.teacher(x, t, {}))  # Algorithm 1 init
+    assert all(p.requires_grad for p in parts.generator.parameters())
+    assert not any(p.requires_grad for p in parts.teacher.parameters())
+    assert all(p.grad is None for p in parts.generator.parameters())
+    d_trainable = {n for n, p in parts.discriminator.named_parameters() if p.requires_grad}
+    assert d_trainable and all(n.startswith("heads.") for n in d_trainable)
+    m = parts.decoder.matrix  # invertible linear map
+    assert abs(torch.det(m).item()) > 0.1 and torch.allclose(parts.decoder(x), x @ m.T + parts.decoder.offset)
+    assert parts.encode_prompts(["a"]) == {} and parts.null_cond(3) == {}
+    assert parts.discriminator(parts.decoder(x)).shape == (5,)
+    with pytest.raises(ValueError, match="prediction_type"):
+        build_gmm_parts(load_config("gmm2d", SMALL + ["model.prediction_type=flow"]), tmp_path)
+
+
+def test_reward_is_the_noised_mode_log_density_up_to_a_constant(tmp_path):
+    parts = build_gmm_parts(load_config("gmm2d", SMALL), tmp_path)
+    mode = parts.extras["gmm"].means[0]
+    t = timesteps_tensor(749, 3, "cpu")
+    a, s = parts.schedule.alpha_sigma(t[:1])
+    var = a**2 * 0.09 + s**2
+    pts = torch.stack([a * mode, a * mode + torch.tensor([1.0, 0.0]), -a * mode])
+    dist = torch.distributions.MultivariateNormal(a * mode, var * torch.eye(2))
+    logp = dist.log_prob(pts)
+    got = parts.reward(pts, t, {})
+    assert got[0].item() == 0.0 and torch.allclose(got - got[0], logp - logp[0], atol=1e-5)
+
+
+@pytest.mark.slow  # ~25 s on one loaded core, teacher pretraining included
+def test_four_step_student_distils_the_eight_mode_teacher(request):
+    """Issue 3 acceptance: a 4-step Flash-DMD student covers all 8 modes with SW2 near the 50-step teacher's.
+
+    Fixed seeds, 20k samples for both SW2 values (the estimator's noise floor at 20k is ~0.05,
+    the teacher's SW2 ~0.1). This run measures 1.6x; with 40k samples and other seeds the
+    benchmark sees 1.9-2.1x (bench/results/gmm_distill.json).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny MLPs: extra threads only contend on a loaded machine (20x slower here)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    started = time.time()
+    from bench.gmm_distill import make_eval_set, run_stage1  # the benchmark's own loop
+
+    cfg = load_config("gmm2d")
+    parts = build_gmm_parts(cfg, request.config.cache.mkdir("gmm2d-teacher"))
+    gmm = parts.extras["gmm"]
+    ev = make_eval_set(gmm, 20000)
+    teacher = sliced_w2(sample_teacher(parts.teacher, parts.schedule, ev.z, 50, {}, {}), ev.real,
+                        generator=torch.Generator().manual_seed(0))
+    curve = run_stage1(cfg, parts, ev, eval_every=cfg.stage1.iterations)
+    x = sample_student(parts.generator, parts.schedule, ev.z, cfg.stage1.student_timesteps, {},
+                       torch.Generator().manual_seed(1))
+    student = sliced_w2(x, ev.real, generator=torch.Generator().manual_seed(0))
+    covered = modes_covered(mode_mass(x, gmm.means), gmm.weights)
+    print(f"teacher SW2 {teacher:.3f}, undistilled {curve[0]['sw2']:.3f}, student {student:.3f} "
+          f"({student / teacher:.2f}x), modes {covered}, {time.time() - started:.0f} s")
+    assert covered == 8
+    assert student < 0.85 * curve[0]["sw2"]
+    assert student <= 2.0 * teacher
