@@ -1,4 +1,4 @@
-"""Samples per second of the data pipelines at the tiny default (issue 5 item 5).
+"""Samples per second of the data pipelines at the tiny default.
 
 The image pipeline (tar -> PNG decode -> resize + center crop -> batch) and the precomputed-latent
 pipeline (tar -> npy -> batch, no image decoding) of ``flashdmd.data.build_image_loader``, each with

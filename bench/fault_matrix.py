@@ -1,4 +1,4 @@
-"""The fault matrix of issue 11: inject each fault into a real run, check what survived, tabulate.
+"""The fault matrix: inject each fault into a real run, check what survived, tabulate.
 
 Runs the scenarios of ``tests/fault/scenarios.py`` (the same code the fault tests assert on):
 kill -9 of one of two DDP ranks mid-step and mid-save, NaN/Inf losses and gradients (one step,

@@ -1,5 +1,5 @@
 """Benchmark: iteration time and peak memory of Flash-DMD against the DMD2 baseline mode at equal
-batch (issue 10, item 2). The paper reports 6.42 s vs 5.97 s per iteration (ratio 1.075) on
+batch. The paper reports 6.42 s vs 5.97 s per iteration (ratio 1.075) on
 SDXL; goal: ratio <= 1.075.
 
 Both modes run the real ``Stage1`` on tiny-sdxl with the local engine, each on its own copy of

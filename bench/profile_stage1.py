@@ -1,4 +1,4 @@
-"""Profile of the stage-1 hot path (issue 10, item 6): what one trainer iteration spends its time
+"""Profile of the stage-1 hot path: what one trainer iteration spends its time
 on, beyond the networks' own arithmetic.
 
 Runs the trainer's per-iteration path on tiny-sdxl with the local engine and real toy shards

@@ -1,5 +1,5 @@
 """Benchmark: the trainer's stage-1 step path against a hand-written loop doing the same math
-(issue 10, item 1; goal: ratio <= 1.05).
+(goal: ratio <= 1.05).
 
 Trainer path: ``flashdmd.train.main.Trainer`` set up from the tiny-sdxl preset (local engine), then
 per iteration what its loop does besides fetching data: ``Stage1.step`` through the engine,

@@ -1,4 +1,4 @@
-"""Step-time overhead of MLflow tracking (issue 10 item 5): goal under 2 %.
+"""Step-time overhead of MLflow tracking: goal under 2 %.
 
 One process, one fixed CPU workload (an MLP forward, backward and Adam step, one thread), timed
 in alternating short blocks: tracking off (``NullTracker``) and tracking on (a ``Tracker`` writing

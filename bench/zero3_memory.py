@@ -1,12 +1,12 @@
 """Benchmark: per-rank memory of the three trainable networks under ZeRO-3 and FSDP2 on 2 ranks
-against the local engine, and the stage-1 step-time ratio (issue 6; a benchmark, not a test).
+against the local engine, and the stage-1 step-time ratio (a benchmark, not a test).
 
 For each engine it builds the tiny-sdxl family (or ``--preset``), runs ``--warmup`` stage-1
 iterations (so optimizer state exists), reads ``engine.memory_report()`` on every rank, then
 times ``--iters`` more iterations. Each rank gets the same per-rank batch as the one local
 process, so the time ratio shows the cost of sharding, not of a different batch.
 
-Goal (issue 6): sharded total bytes per rank <= 0.55 of local. On CPU compute is fp32 and
+Goal: sharded total bytes per rank <= 0.55 of local. On CPU compute is fp32 and
 DeepSpeed keeps its fp32 master partition next to the fp32 parameter partition, counted under
 "optimizer". Writes bench/results/zero3_memory.json and .md and prints the table.
 

@@ -1,5 +1,5 @@
 """The eval job: a trained student on a prompt set, the paper's metrics, MLflow and a results table
-(issue 9 item 3; protocol of spec section 5: COCO-10k captions, fixed seeds, no CFG).
+(protocol of spec section 5: COCO-10k captions, fixed seeds, no CFG).
 
 ``run_eval(cfg, student, rank, world_size)`` generates image ``i`` of the prompt set (prompt
 ``i mod len(prompts)``, seed ``eval.seed + i``) on rank ``i mod world_size`` only, feeds each rank's

@@ -1,4 +1,4 @@
-"""Export a trained student as a complete diffusers pipeline folder (issue 9 item 1).
+"""Export a trained student as a complete diffusers pipeline folder.
 
 ``export_pipeline(cfg, source, out_dir)`` writes what ``DiffusionPipeline.from_pretrained`` loads:
 the teacher's text encoders, tokenizers and VAE (as the run loaded them, replacements included),

@@ -1,4 +1,4 @@
-"""Memory planner: per-GPU bytes of a Flash-DMD run before it is submitted (issue 10, item 7).
+"""Memory planner: per-GPU bytes of a Flash-DMD run before it is submitted.
 
 ``plan(cfg, world_size)`` instantiates the family's real architectures on the meta device (no
 weights, no download): the UNet / MMDiT, VAE, CLIP (and T5) text encoders, the SAM vision
@@ -537,7 +537,7 @@ def render(p: Plan) -> str:
     return "\n".join(lines)
 
 
-# The engine layouts the matrix compares (issue 10: local, FSDP2 and ZeRO-3, with and without offload).
+# The engine layouts the matrix compares (local, FSDP2 and ZeRO-3, with and without offload).
 LAYOUTS: dict[str, list[str]] = {
     "local (DDP replicas)": ["engine.kind=local"],
     "FSDP2": ["engine.kind=fsdp"],

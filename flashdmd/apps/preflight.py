@@ -1,4 +1,4 @@
-"""Pre-submission checks of the paths a job will read (issue 11, item 4: missing paths fail
+"""Pre-submission checks of the paths a job will read (missing paths fail
 before submission, not on the cluster an hour later).
 
 ``validate`` (flashdmd/config/__init__.py) checks types, ranges and cross-field rules; this module checks

@@ -1,4 +1,4 @@
-"""The distilled student as an image generator, and the sample job (issue 9 item 2).
+"""The distilled student as an image generator, and the sample job.
 
 ``find_student(source)`` locates trained generator weights: a run directory (its ``final/``
 hand-over, else its newest valid checkpoint), a ``final/`` folder, or one checkpoint step

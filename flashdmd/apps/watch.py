@@ -1,4 +1,4 @@
-"""Evaluate a training run's checkpoints as they appear (issue 9 item 4): the "watch" job.
+"""Evaluate a training run's checkpoints as they appear: the "watch" job.
 
 A side job next to training (``python jobs/submit.py watch`` with the training run's config, or
 ``python -m flashdmd.apps.watch``) polls the run's checkpoint directory every ``eval.poll_s``

@@ -161,7 +161,7 @@ class EngineConfig:
 
 @dataclass
 class HealthConfig:
-    """Training health (issue 11): non-finite steps and monitor bounds (flashdmd/train/guard.py, health.py)."""
+    """Training health: non-finite steps and monitor bounds (flashdmd/train/guard.py, health.py)."""
 
     max_consecutive_nonfinite: int = 3  # this many non-finite steps in a row trigger on_nonfinite
     on_nonfinite: Literal["rollback", "stop"] = "rollback"  # back to the last valid checkpoint, or stop the run

@@ -1,5 +1,5 @@
 """Pieces every multi-process engine shares: block discovery, the frozen-network context,
-metric reduction, EMA pairing checks and the per-network memory report (issue 6, item 7)."""
+metric reduction, EMA pairing checks and the per-network memory report."""
 from __future__ import annotations
 
 import contextlib
@@ -65,7 +65,7 @@ def no_grad_collection(modules: Iterable[nn.Module]) -> Iterator[None]:
 
 def finite_everywhere(*values: Tensor) -> bool:
     """True when every value is finite on every rank: one MIN all-reduce of a flag, so all ranks
-    take the same decision about skipping an update (issue 11)."""
+    take the same decision about skipping an update."""
     ok = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all().float().reshape(1)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
@@ -86,7 +86,7 @@ def ema_pairs(target: nn.Module, source: nn.Module) -> list[tuple[str, nn.Parame
     (with LoRA: the adapter weights and any unfrozen tensor, spec 1.7 [INF]).
 
     Raises when the two networks do not have the same trainable names and shapes, since then
-    their shards would not line up (issue 6, item 5)."""
+    their shards would not line up."""
     tgt = dict(trainable_parameters(target))
     src = dict(trainable_parameters(source))
     if tgt.keys() != src.keys():

@@ -1,5 +1,5 @@
 """The local engine across processes: every rank holds full replicas, DDP averages gradients
-(issue 6, item 4: "local: one process, or DDP across processes").
+("local: one process, or DDP across processes").
 
 Everything but placement comes from ``LocalEngine``: the optimizers, schedules, EMA and the
 checkpoint layout. What changes: forward runs on a ``DistributedDataParallel`` wrapper; a

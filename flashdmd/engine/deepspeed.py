@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-3 engine: one DeepSpeed engine per trainable network, all on the default
-process group (issue 6, item 2; anchors_jobsystem.md 1.4-1.5).
+process group (anchors_jobsystem.md 1.4-1.5).
 
 - Trainable networks (generator, fake score, discriminator heads with a frozen backbone):
   ``deepspeed.initialize`` each with ZeRO stage 3, a client ``torch.optim.AdamW`` (or, with
@@ -71,7 +71,7 @@ class DeepSpeedEngine(Engine):
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        # fp32 master weights always; bf16/fp16 compute only where there is a GPU (issue 6, item 1).
+        # fp32 master weights always; bf16/fp16 compute only where there is a GPU.
         self.precision = precision if self.device.type == "cuda" else "fp32"
         self.gradient_checkpointing = gradient_checkpointing
         self.offload_optimizer, self.offload_params = offload_optimizer, offload_params

@@ -1,4 +1,4 @@
-"""Choose and build the engine from the config (issue 6): ``engine.kind`` and the world size.
+"""Choose and build the engine from the config: ``engine.kind`` and the world size.
 
 local + 1 process -> LocalEngine; local + several processes -> DDPEngine; fsdp -> FSDPEngine;
 deepspeed -> DeepSpeedEngine (imported only when chosen: DeepSpeed picks its accelerator at

@@ -1,5 +1,5 @@
 """FSDP2 engine: ``fully_shard`` per block and per network, checkpoints through
-torch.distributed.checkpoint in safetensors (issue 6, item 3).
+torch.distributed.checkpoint in safetensors.
 
 Each trainable network (generator, fake score, discriminator) is sharded block by block
 (``common.block_modules``) and then as a root, over all ranks, with its own AdamW and
@@ -64,7 +64,7 @@ class FSDPEngine(Engine):
             raise ValueError(f"engine.precision must be one of {list(_DTYPES)}, got {precision!r}")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        # fp32 master weights always; on CPU compute stays fp32 (issue 6, item 1: precision policy).
+        # fp32 master weights always; on CPU compute stays fp32 (precision policy).
         compute = _DTYPES[precision] if self.device.type == "cuda" else torch.float32
         self.mp_policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
         self.offload_policy = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if offload else None
@@ -132,7 +132,7 @@ class FSDPEngine(Engine):
         params = [p for _, p in common.trainable_parameters(module)]
         norm = torch.nn.utils.clip_grad_norm_(params, self.specs[name].grad_clip)
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-        if not common.finite_everywhere(norm, *self.losses.pop(name, [])):  # issue 11: every rank skips
+        if not common.finite_everywhere(norm, *self.losses.pop(name, [])):  # every rank skips
             opt.zero_grad(set_to_none=True)
             return {"grad_norm": float(norm), "lr": schedule.lr, "skipped": 1.0}
         lr = schedule.apply(opt.param_groups)

@@ -100,7 +100,7 @@ class LocalEngine(Engine):
         opt, spec = self.optimizers[name], self.specs[name]
         params = [p for group in opt.param_groups for p in group["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
-        # issue 11: no update from a NaN/Inf loss or gradient on any rank (all ranks skip together)
+        # no update from a NaN/Inf loss or gradient on any rank (all ranks skip together)
         if not finite_everywhere(grad_norm, *self.losses.pop(name, [])):
             opt.zero_grad(set_to_none=True)
             return {"grad_norm": float(grad_norm), "lr": self.schedules[name].lr, "skipped": 1.0}

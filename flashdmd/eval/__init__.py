@@ -1,4 +1,4 @@
-"""Evaluation metrics on prompt sets (issue 9 item 3): a registry, the metrics, the results table.
+"""Evaluation metrics on prompt sets: a registry, the metrics, the results table.
 
 Importing this package registers every metric in ``flashdmd.eval.metrics.REGISTRY``.
 """

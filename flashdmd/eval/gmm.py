@@ -1,4 +1,4 @@
-"""Exact quality metrics for the 2-D toy world (DESIGN.md toy world 1; issue 3 item 4).
+"""Exact quality metrics for the 2-D toy world (DESIGN.md toy world 1).
 
 - sliced Wasserstein-2 distance between two equal-size point sets (random unit directions,
   sorted 1-D projections, root of the mean squared gap over directions and points);

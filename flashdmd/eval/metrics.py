@@ -1,4 +1,4 @@
-"""The metric registry for evaluation on prompt sets (issue 9 item 3; spec section 5).
+"""The metric registry for evaluation on prompt sets (spec section 5).
 
 The implementations register themselves when ``flashdmd.eval`` is imported.
 

@@ -1,4 +1,4 @@
-"""Distributed setup from the launcher's environment (DESIGN.md "run" layer; issue 8).
+"""Distributed setup from the launcher's environment (DESIGN.md "run" layer).
 
 One process per GPU (or per CPU worker). Which launcher started us is read from the environment,
 in this order:

@@ -1,6 +1,6 @@
 """MLflow tracking of a run: rank 0 logs, every other rank holds a ``NullTracker``.
 
-Implements issue 7 item 3 (see ../shared/research/anchors_jobsystem.md section 4).
+Follows (see ../shared/research/anchors_jobsystem.md section 4).
 
 * ``open_tracker(cfg, rank, run_id, parent_run_id)`` returns a ``Tracker`` on rank 0 (a new MLflow
   run, or the continuation of ``run_id`` after a resume) and a ``NullTracker`` elsewhere.

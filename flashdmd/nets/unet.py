@@ -29,7 +29,7 @@ class UNetDenoiser(nn.Module):
         self.added_conds = added_conds
 
     def _dtype(self) -> torch.dtype:
-        # ModelMixin.dtype walks every submodule on each call (issue 10 profile: 2.8 ms per call on SDXL)
+        # ModelMixin.dtype walks every submodule on each call (2.8 ms per call on SDXL)
         return next(self.model.parameters()).dtype
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:

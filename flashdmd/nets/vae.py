@@ -24,7 +24,7 @@ class VAEDecoder(nn.Module):
         self.slice_size = slice_size
 
     def _dtype(self) -> torch.dtype:
-        # ModelMixin.dtype walks every submodule on each call (issue 10 profile: 2.8 ms per call on SDXL)
+        # ModelMixin.dtype walks every submodule on each call (2.8 ms per call on SDXL)
         return next(self.vae.parameters()).dtype
 
     def _chunks(self, x: Tensor) -> list[Tensor]:

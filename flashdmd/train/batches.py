@@ -9,7 +9,7 @@ Two sources behind one interface (``next_batch(step)``, ``state_dict()``):
   (or a separate prompt list when ``data.prompts`` is set), images the discriminator's real pixels
   (precomputed latents are decoded by the frozen VAE). Its positions go into every checkpoint.
 
-Null conditionings for CFG are encoded once per batch size, not per step (issue 10: no repeated
+Null conditionings for CFG are encoded once per batch size, not per step (no repeated
 text encoding of fixed prompts).
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """One checkpoint = one step directory, written by all ranks together, valid once its marker
-exists (DESIGN.md "One checkpoint = one step directory"; issue 6, item 6).
+exists (DESIGN.md "One checkpoint = one step directory").
 
 Layout of ``<checkpoint_dir>/step-<8 digits>/``::
 

@@ -1,4 +1,4 @@
-"""Is a checkpoint this run's to resume? (issue 11, item 7)
+"""Is a checkpoint this run's to resume?
 
 ``save_checkpoint`` gets ``checkpoint_identity(cfg, job)`` in trainer.json; before the engine
 loads anything, ``check_resume`` compares it with the running config and refuses with one

@@ -1,4 +1,4 @@
-"""Test-only fault injection for the fault matrix (issue 11): the one place that reads it.
+"""Test-only fault injection for the fault matrix: the one place that reads it.
 
 The environment variable ``FLASHDMD_FAULTS`` holds comma-separated faults of the form
 ``kind@step[:key=value...]``; unset (every production run) means no hook is installed and the

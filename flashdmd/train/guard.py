@@ -1,4 +1,4 @@
-"""Non-finite steps: count, skip together, roll back or stop (issue 11, item 2; config ``health``).
+"""Non-finite steps: count, skip together, roll back or stop (config ``health``).
 
 The local/DDP and FSDP engines refuse an optimizer update when its loss or gradient norm is NaN
 or Inf on any rank (one all-reduced flag, so every rank refuses the same one) and report it as

@@ -1,4 +1,4 @@
-"""Training-health monitors logged to MLflow as ``health/*`` (issue 11, item 3; config ``health``).
+"""Training-health monitors logged to MLflow as ``health/*`` (config ``health``).
 
 At every ``tracking.log_every`` step, on every rank with the same inputs (a sharded network's
 forward is collective), from the networks as they are after that step:

@@ -67,7 +67,7 @@ def split_cpu_threads(ctx: DistContext) -> None:
 
     torch's default gives every process all cores, so two ranks on two cores ran four threads
     that spin against each other: a tiny-sdxl stage-1 step took 4.0-6.5 s per rank against 0.30 s
-    with one thread each (issue 10). An explicit OMP_NUM_THREADS (slurm/env.sh sets it) wins, and
+    with one thread each. An explicit OMP_NUM_THREADS (slurm/env.sh sets it) wins, and
     a process already set to fewer threads keeps them."""
     if ctx.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return
@@ -112,7 +112,7 @@ class Trainer:
         self.engine.setup(self.parts.trainable(), optim_specs(cfg, self.stage), frozen)
         stage1 = Stage1(cfg.stage1, self.parts, self.engine, cfg.seed)
         self.algo = stage1 if self.stage == 1 else Stage2(cfg, self.parts, self.engine, cfg.seed, stage1)
-        # issue 11: non-finite steps, health monitors, and test-only faults (FLASHDMD_FAULTS)
+        # non-finite steps, health monitors, and test-only faults (FLASHDMD_FAULTS)
         self.guard = StepGuard(cfg.health, self.engine)
         self.health = HealthMonitor(cfg, self.parts, self.stage, lambda s: stage1.steps[stage1.plan(s).dm_index],
                                     self.ctx.rank) if cfg.health.monitors else None

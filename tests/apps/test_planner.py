@@ -1,7 +1,7 @@
 """The memory planner (flashdmd/apps/plan.py) against the public architectures and against the
 real engines: on tiny-sdxl its parameter, gradient and optimizer bytes per rank must match what
 the local engine (one process), FSDP2 and DeepSpeed ZeRO-3 (two gloo ranks) actually hold after a
-stage-1 iteration, within TOLERANCE per network and kind (issue 10, item 7). Activations are
+stage-1 iteration, within TOLERANCE per network and kind. Activations are
 a rough estimate and are not compared."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import Tensor
 from flashdmd.config import load_config
 from flashdmd.apps.plan import GIB, architecture, count, lora_count, plan
 
-TOLERANCE = 0.15  # relative, per network and kind (issue 10: "within 15 %")
+TOLERANCE = 0.15  # relative, per network and kind ("within 15 %")
 KINDS = ("params", "grads", "optimizer")
 NETS = ("generator", "fake_score", "discriminator")
 

@@ -1,4 +1,4 @@
-"""Acceptance of issue 6 on tiny-sdxl with the real stage-1 algorithm, 2 gloo ranks.
+"""The engines on tiny-sdxl with the real stage-1 algorithm, 2 gloo ranks.
 
 - FSDP2 and DeepSpeed ZeRO-3 (teacher partitioned too) against the local engine over DDP on
   the same per-rank batches: losses and generator weights within 1e-4 absolute (one AdamW

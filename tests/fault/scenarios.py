@@ -1,4 +1,4 @@
-"""The fault matrix of issue 11: each scenario injects one fault into a real run and returns a
+"""The fault matrix: each scenario injects one fault into a real run and returns a
 ``Row`` (fault, outcome, steps lost, steps redone, data lost) after checking what survived.
 
 Shared by the tests in this folder (which assert every row) and ``bench/fault_matrix.py`` (which

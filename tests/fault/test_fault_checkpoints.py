@@ -1,4 +1,4 @@
-"""Issue 11 item 7: checkpoints are never unpickled (checked on the source tree, by the AST, not
+"""Checkpoints are never unpickled (checked on the source tree, by the AST, not
 by a grep that a line break defeats); a checkpoint of another family or config is refused with a
 message that says what differs."""
 from __future__ import annotations

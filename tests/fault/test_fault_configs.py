@@ -1,4 +1,4 @@
-"""Issue 11 item 4: 100 mutated variants of the presets (wrong types, unknown keys, out-of-range
+"""100 mutated variants of the presets (wrong types, unknown keys, out-of-range
 values, inconsistent timesteps, missing paths, broken files) each get a clear error naming the
 thing to fix before anything is submitted, and none a traceback."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 11 item 5: corrupt images at 0.1 %, 1 % and 10 % of 1000 samples in real tar shards,
+"""Corrupt images at 0.1 %, 1 % and 10 % of 1000 samples in real tar shards,
 read through the trainer's image stream with data.max_bad_fraction=0.05: below the threshold the
 epoch completes with every good sample delivered and every bad one counted; above it the stream
 stops with an error naming the fraction, the rule, the reason and the shard. The same through a

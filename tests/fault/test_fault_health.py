@@ -1,4 +1,4 @@
-"""Issue 11 item 3: training-health monitors in MLflow at every log step, checked against the
+"""Training-health monitors in MLflow at every log step, checked against the
 values they are derived from, and a warning plus a flag when one leaves its bound."""
 from __future__ import annotations
 

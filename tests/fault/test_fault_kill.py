@@ -1,4 +1,4 @@
-"""Issue 11 item 1: kill -9 of one of two ranks (DDP over gloo) mid-step and mid-save: the other
+"""Kill -9 of one of two ranks (DDP over gloo) mid-step and mid-save: the other
 rank fails fast instead of hanging to the collective timeout, and a rerun of the same command
 resumes from the last valid checkpoint in the same MLflow run with every step recorded."""
 from __future__ import annotations

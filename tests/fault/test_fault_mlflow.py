@@ -1,4 +1,4 @@
-"""Issue 11 item 6: the MLflow server is killed (SIGKILL) during a training run and restarted
+"""The MLflow server is killed (SIGKILL) during a training run and restarted
 later on the same port and store: training never stops, and the run ends up with every step's
 metrics (buffered by the writer, or synced from the run's metrics.jsonl) and status FINISHED."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 11 item 2: a NaN/Inf loss or gradient skips the update on every rank and is counted;
+"""A NaN/Inf loss or gradient skips the update on every rank and is counted;
 N in a row roll back to the last valid checkpoint at lower learning rates, or stop clearly."""
 from __future__ import annotations
 

@@ -87,7 +87,7 @@ def test_reward_is_the_noised_mode_log_density_up_to_a_constant(tmp_path):
 
 @pytest.mark.slow  # ~25 s on one loaded core, teacher pretraining included
 def test_four_step_student_distils_the_eight_mode_teacher(request):
-    """Issue 3 acceptance: a 4-step Flash-DMD student covers all 8 modes with SW2 near the 50-step teacher's.
+    """A 4-step Flash-DMD student covers all 8 modes with SW2 near the 50-step teacher's.
 
     Fixed seeds, 20k samples for both SW2 values (the estimator's noise floor at 20k is ~0.05,
     the teacher's SW2 ~0.1). This run measures 1.6x; with 40k samples and other seeds the

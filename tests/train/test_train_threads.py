@@ -1,4 +1,4 @@
-"""flashdmd.train.main.split_cpu_threads: CPU ranks of one node share the cores (issue 10 profiling:
+"""flashdmd.train.main.split_cpu_threads: CPU ranks of one node share the cores (profiling:
 two ranks with torch's default thread count on two cores ran a tiny-sdxl step 13-21x slower)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Shared fixtures for the export, sampling and evaluation tests (issue 9).
+"""Shared fixtures for the export, sampling and evaluation tests.
 
 ``trained_run``: a real 2-iteration tiny-sdxl stage-1 run (toy shards, checkpoints at steps 1 and
 2, the ``final/`` hand-over), built once per test session. ``synthetic_handoff`` writes a hand-over
