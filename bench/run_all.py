@@ -1,4 +1,4 @@
-"""Run every benchmark of issue 10 one after another and write bench/results/summary.md: each
+"""Run every benchmark one after another and write bench/results/summary.md: each
 figure against its goal, plus the planner's estimates beside the engines' measured bytes.
 
 Each benchmark is its own process (``python bench/NAME.py``), so one failing does not stop the
