@@ -33,8 +33,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from flashdmd.algo.batch import Batch
-from flashdmd.algo.stage1 import Stage1, stage1_optim_specs
-from flashdmd.algo.stage2 import Stage2, stage2_optim_specs
+from flashdmd.algo.optim import optim_specs
+from flashdmd.algo.stage1 import Stage1
+from flashdmd.algo.stage2 import Stage2, reference_copy
 from flashdmd.config import Config, load_config
 from flashdmd.diffusion.rollout import sample_student, timesteps_tensor
 from flashdmd.diffusion.sampler import sample_teacher
@@ -83,9 +84,9 @@ def make_engine(parts: Parts, cfg: Config, stage: int) -> LocalEngine:
     """Stage 2 adds the frozen reference: a copy of the generator as stage 2 starts."""
     frozen = parts.frozen()
     if stage == 2:
-        frozen["reference"] = copy.deepcopy(parts.generator)
+        frozen["reference"] = reference_copy(parts.generator, None)
     engine = LocalEngine()
-    engine.setup(parts.trainable(), stage1_optim_specs(cfg.stage1) if stage == 1 else stage2_optim_specs(cfg), frozen)
+    engine.setup(parts.trainable(), optim_specs(cfg, stage), frozen)
     return engine
 
 

@@ -10,13 +10,26 @@ Preemption is handled inside the run (flashdmd.train.preemption: flag, agreement
 ``scontrol requeue``). submitit's own signal hook stays as the fallback for a signal that
 arrives before the training loop has installed its handlers: it then calls
 ``EntryJob.checkpoint``, which resubmits the same job unchanged.
+
+What a user sees: every task sets up logging first (``flashdmd.infra.logs``), so rank 0's INFO
+lines (progress, "resuming run ...") reach the job log; for a local job, ``wait`` follows task 0's
+log on the terminal. Ctrl-C while waiting on a local job: the tasks (same foreground process
+group) save at the next step boundary and stop, the MLflow run is marked KILLED, and ``wait``
+raises ``JobInterrupted``, which says how to resume; submitit's local controller is started with
+SIGINT ignored, because on Ctrl-C it would otherwise kill the tasks one second later, mid-save.
+A rerun whose config differs from the run directory's is refused before submission unless
+``resume`` is set (``flashdmd.train.rundir``).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +38,10 @@ import submitit
 import torch
 from submitit.core.utils import JobPaths
 
-from flashdmd.config import REPO_ROOT, Config, config_from_dict, to_dict, validate
+from flashdmd.config import REPO_ROOT, Config, ConfigError, config_from_dict, to_dict, validate
+from flashdmd.infra.logs import setup_logging
+from flashdmd.infra.tracking import COMMAND_ENV
+from flashdmd.train.rundir import RESUME_ENV, check_run_dir
 from jobs import cluster
 from jobs.plan import JobPlan
 
@@ -37,6 +53,11 @@ ENTRIES = {
     "eval": "flashdmd.apps.evaluate:main",
     "watch": "flashdmd.apps.watch:main",
 }
+TRAINING_JOBS = ("stage1", "stage2")
+
+
+class JobInterrupted(RuntimeError):
+    """A local job stopped on Ctrl-C or TERM (after saving, when it had reached its loop)."""
 
 
 def _load(entry: str) -> Callable[[Config, str], Any]:
@@ -53,24 +74,35 @@ def check_entry(entry: str, job: str) -> None:
 
 
 class EntryJob:
-    """What every task runs: ``entry(cfg, job)`` with the config rebuilt from plain data."""
+    """What every task runs: ``entry(cfg, job)`` with the config rebuilt from plain data and ``env`` set."""
 
-    def __init__(self, entry: str, job: str, config: dict[str, Any], pythonpath: list[str]) -> None:
+    def __init__(self, entry: str, job: str, config: dict[str, Any], pythonpath: list[str],
+                 env: dict[str, str] | None = None) -> None:
         self.entry = entry
         self.job = job
         self.config = config
         self.pythonpath = pythonpath
+        self.env = env or {}
 
     def __call__(self) -> Any:
+        # the local controller was started with SIGINT ignored; the task takes Ctrl-C again
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.environ.update(self.env)
+        setup_logging(submitit.JobEnvironment().global_rank)
         for path in reversed(self.pythonpath):
             if path not in sys.path:
                 sys.path.insert(0, path)
         cfg = validate(config_from_dict(self.config))
-        return _load(self.entry)(cfg, self.job)
+        try:
+            return _load(self.entry)(cfg, self.job)
+        except KeyboardInterrupt:  # Ctrl-C before the loop's own handler, or twice: stop without a traceback
+            print(f"{self.job}: interrupted", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGINT) from None
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         # submitit's fallback hook (signal before the loop started): run the same job again
-        return submitit.helpers.DelayedSubmission(EntryJob(self.entry, self.job, self.config, self.pythonpath))
+        return submitit.helpers.DelayedSubmission(EntryJob(self.entry, self.job, self.config, self.pythonpath,
+                                                           self.env))
 
 
 @dataclass
@@ -177,10 +209,36 @@ def make_executor(plan: JobPlan, cfg: Config, folder: Path, dependency: str = ""
     return executor
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while a child is started: it inherits the disposition (see the module docstring)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def submit(plan: JobPlan, cfg: Config, dependency: str = "", entry: str | None = None,
-           pythonpath: list[str] | None = None) -> Submitted:
-    """Submit ``plan`` (config already resolved and validated); returns at once, the job runs on."""
+           pythonpath: list[str] | None = None, resume: bool = False) -> Submitted:
+    """Submit ``plan`` (config already resolved and validated); returns at once, the job runs on.
+
+    A training job whose config differs from its run directory's is refused (``cluster.ClusterError``
+    listing the differences) unless ``resume``."""
     cfg = absolute(cfg)
+    cfg.tracking.tags.setdefault("preset", Path(plan.preset).stem)
+    if plan.job in TRAINING_JOBS:
+        try:
+            check_run_dir(cfg, resume)
+        except ConfigError as err:
+            raise cluster.ClusterError(str(err)) from None
+    env = {COMMAND_ENV: " ".join(["jobs/submit.py", *sys.argv[1:]]) if sys.argv[0].endswith("submit.py")
+           else f"jobs/launcher.submit({plan.job})"}
+    if resume:
+        env[RESUME_ENV] = "1"
     folder = cfg.run_dir / "submitit"
     # the job process unpickles EntryJob before anything else: it must find this repository
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(REPO_ROOT), *pythonpath_from_env()]))
@@ -189,33 +247,107 @@ def submit(plan: JobPlan, cfg: Config, dependency: str = "", entry: str | None =
     sys.path[:0] = [p for p in paths if p not in sys.path]
     check_entry(entry, plan.job)
     executor = make_executor(plan, cfg, folder, dependency)
-    job = executor.submit(EntryJob(entry, plan.job, to_dict(cfg), paths))
+    with _sigint_ignored():
+        job = executor.submit(EntryJob(entry, plan.job, to_dict(cfg), paths, env))
     return Submitted(job=job, plan=plan, cfg=cfg, folder=folder)
 
 
-def wait(sub: Submitted, timeout_s: float | None = None, poll_s: float = 2.0) -> list[Any]:
+class LogFollower:
+    """Prints the new complete lines of a local job's task-0 stdout and stderr (submitit's own lines left out)."""
+
+    def __init__(self, sub: Submitted) -> None:
+        self.files = [(sub.stdout, sys.stdout), (sub.stderr, sys.stderr)]
+        self.offsets = [0, 0]
+
+    def poll(self) -> None:
+        for i, (path, out) in enumerate(self.files):
+            if not path.is_file():
+                continue
+            with open(path, "rb") as handle:
+                handle.seek(self.offsets[i])
+                data = handle.read()
+            end = data.rfind(b"\n") + 1
+            self.offsets[i] += end
+            for line in data[:end].decode(errors="replace").splitlines():
+                if not line.startswith("submitit "):
+                    print(line, file=out, flush=True)
+
+
+def wait(sub: Submitted, timeout_s: float | None = None, poll_s: float = 2.0, follow: bool = False) -> list[Any]:
     """Block until every task has a result and return them (raises the job's error).
 
-    Slurm states come from ``scontrol show job``, so this works without accounting (sacct).
+    ``follow``: print a local job's log while waiting. Ctrl-C while waiting on a local job lets it
+    save and stop (``JobInterrupted``). Slurm states come from ``scontrol show job``, so this works
+    without accounting (sacct).
     """
     deadline = None if timeout_s is None else time.time() + timeout_s
     folder = sub.job.paths.folder
     results = [JobPaths(folder, job_id=sub.job_id, task_id=t).result_pickle for t in range(_num_tasks(sub))]
-    while not all(path.exists() for path in results):
-        if sub.plan.executor == "local" and sub.job.done():
-            break
-        if sub.plan.executor == "slurm" and cluster.job_state(sub.job_id) not in cluster.ACTIVE_STATES:
-            time.sleep(poll_s)  # a result file may land just after the job leaves the queue
-            break
-        if deadline is not None and time.time() > deadline:
-            raise TimeoutError(f"job {sub.job_id} did not finish in {timeout_s} s; see {sub.stdout}")
-        time.sleep(poll_s)
+    local = sub.plan.executor == "local"
+    follower = LogFollower(sub) if follow and local else None
+    with _term_as_interrupt(local):
+        interrupted = _wait_for(sub, results, deadline, timeout_s, poll_s, follower)
+    if follower is not None:
+        follower.poll()
     missing = [str(path) for path in results if not path.exists()]
     if missing:
+        if interrupted:
+            raise JobInterrupted(f"{sub.plan.job} stopped after saving its last step; rerun the same command to "
+                                 f"resume (run directory {sub.cfg.run_dir})")
         raise RuntimeError(
             f"job {sub.job_id} ended without writing {', '.join(missing)}; see {sub.stdout} and {sub.stderr}"
         )
     return sub.job.results()
+
+
+def _wait_for(sub: Submitted, results: list[Path], deadline: float | None, timeout_s: float | None, poll_s: float,
+              follower: LogFollower | None) -> bool:
+    """Poll until the results exist or the job has ended; True when interrupted meanwhile."""
+    local = sub.plan.executor == "local"
+    interrupted = False
+    while not all(path.exists() for path in results):
+        try:
+            if follower is not None:
+                follower.poll()
+            if local and sub.job.done():
+                break
+            if not local and cluster.job_state(sub.job_id) not in cluster.ACTIVE_STATES:
+                time.sleep(poll_s)  # a result file may land just after the job leaves the queue
+                break
+            if deadline is not None and time.time() > deadline:
+                raise TimeoutError(f"job {sub.job_id} did not finish in {timeout_s} s; see {sub.stdout}")
+            time.sleep(poll_s if follower is None else min(poll_s, 0.5))
+        except KeyboardInterrupt:
+            if not local:
+                raise
+            if not interrupted:  # the tasks got the Ctrl-C too; TERM reaches them if it came from elsewhere
+                print("\nCtrl-C: the job saves at the end of its step and stops ...", file=sys.stderr, flush=True)
+                _terminate_local(sub)
+            interrupted = True
+    return interrupted
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _term_as_interrupt(local: bool) -> Iterator[None]:
+    """While waiting on a local job, TERM to this process is handled like Ctrl-C: the job saves and stops."""
+    if not local or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_local(sub: Submitted) -> None:
+    # the local job id is the controller's pid; the controller forwards TERM to every task
+    with contextlib.suppress(ProcessLookupError, ValueError):
+        os.kill(int(sub.job_id), signal.SIGTERM)
 
 
 def _num_tasks(sub: Submitted) -> int:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flashdmd.config import Config, diff, load_config, to_yaml
+from flashdmd.config import Config, ConfigError, diff, load_config, to_yaml
+from flashdmd.config.run import SLURM_ONLY
 
 JOBS = ("stage1", "stage2", "pipeline", "export", "sample", "eval", "watch")
 PIPELINE = ("stage1", "stage2")  # stage 2 runs after stage 1 succeeded (afterok), from its run directory
@@ -66,8 +67,21 @@ def local_params(cfg: Config) -> dict[str, Any]:
     return {"processes": cfg.world_size, "timeout_min": cfg.launch.time_minutes}
 
 
+def check_executor(cfg: Config, executor: str) -> None:
+    """Refuse Slurm-only settings when ``launch.executor=auto`` resolved to the local executor."""
+    launch = cfg.launch
+    given = [f"launch.{k}={getattr(launch, k)!r}" for k in SLURM_ONLY if getattr(launch, k)]
+    given += [f"launch.nodes={launch.nodes}"] if launch.nodes > 1 else []
+    if executor == "local" and given:
+        raise ConfigError(f"{', '.join(given)}: needs the Slurm executor, but launch.executor={launch.executor} "
+                          "runs this job on this machine (no sbatch on PATH); submit from a Slurm login node "
+                          "or drop these settings")
+
+
 def build_plan(job: str, preset: str, cfg: Config) -> JobPlan:
+    """The plan of ``job``; raises ConfigError for settings the resolved executor would ignore."""
     executor = resolve_executor(cfg.launch.executor)
+    check_executor(cfg, executor)
     params = slurm_params(cfg) if executor == "slurm" else local_params(cfg)
     return JobPlan(
         job=job,

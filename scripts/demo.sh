@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job on the tiny default preset, on this machine's CPU: install, make the toy shards
-# (once), then run stage 1 of tiny-sdxl and print where its results are.
+# The main job on the tiny default preset, on this machine's CPU: install (pip runs only when
+# something changed), make the toy shards (once), then run stage 1 of tiny-sdxl and print where
+# its results are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh

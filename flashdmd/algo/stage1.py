@@ -33,20 +33,9 @@ from flashdmd.algo.split import split_steps
 from flashdmd.config import Stage1Config
 from flashdmd.diffusion.rollout import backward_simulate, continue_from, predict_x0, randn, renoise
 from flashdmd.diffusion.sampler import cfg_predict
-from flashdmd.engine.base import Engine, OptimSpec
+from flashdmd.engine.base import Engine
 from flashdmd.losses import d_loss, denoising_loss, dmd_loss, g_loss
 from flashdmd.nets.parts import Parts
-
-
-def stage1_optim_specs(cfg: Stage1Config) -> dict[str, OptimSpec]:
-    """AdamW settings of the three trainable networks (spec 1.6 [INF]: DMD2's optimiser)."""
-    common = {"betas": (cfg.adam_betas[0], cfg.adam_betas[1]), "weight_decay": cfg.weight_decay,
-              "warmup_steps": cfg.warmup_steps, "schedule": cfg.lr_schedule, "grad_clip": cfg.grad_clip}
-    return {
-        "generator": OptimSpec(lr=cfg.generator_lr, total_steps=max(1, cfg.iterations // cfg.ttur), **common),
-        "fake_score": OptimSpec(lr=cfg.fake_lr, total_steps=cfg.iterations, **common),
-        "discriminator": OptimSpec(lr=cfg.disc_lr, total_steps=cfg.iterations, **common),
-    }
 
 
 @dataclass
@@ -92,16 +81,21 @@ class Stage1:
             with self.engine.frozen("discriminator"):
                 samples, loss_g = self._generator_losses(plan, batch, gen, metrics)
                 self.engine.backward("generator", loss_g)
-            floats.update(_prefixed("generator", self.engine.step("generator")))
-            if self.cfg.mode == "flash" and self.cfg.fake_ema:
-                self.engine.ema_("fake_score", "generator", self.cfg.fake_ema_decay)
+            floats.update(prefixed("generator", self.engine.step("generator")))
+            self.pull_fake_score()
         else:
             with torch.no_grad():
                 samples = self._generator_samples(plan, batch, gen)
-        floats.update(_prefixed("fake_score", self._fake_score_turn(samples.x0_dm, batch, gen, metrics)))
+        floats.update(prefixed("fake_score", self._fake_score_turn(samples.x0_dm, batch, gen, metrics)))
         if samples.fake_images is not None:
-            floats.update(_prefixed("discriminator", self._discriminator_turn(samples.fake_images, batch, metrics)))
+            floats.update(prefixed("discriminator", self._discriminator_turn(samples.fake_images, batch, metrics)))
         return {**dict(zip(metrics, torch.stack([v.detach().float() for v in metrics.values()]).tolist())), **floats}
+
+    def pull_fake_score(self) -> None:
+        """psi <- lam psi + (1 - lam) theta (Eq. 11, spec 1.7): after each generator update, in
+        flash mode with ``fake_ema`` on (the DMD2 baseline has no pull)."""
+        if self.cfg.mode == "flash" and self.cfg.fake_ema:
+            self.engine.ema_("fake_score", "generator", self.cfg.fake_ema_decay)
 
     # -- generator ----------------------------------------------------------------------------
     def _dm_output(self, plan: Plan, batch: Batch, gen: torch.Generator) -> Tensor:
@@ -184,5 +178,5 @@ class Stage1:
         return self.engine.step("discriminator")
 
 
-def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
+def prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}_{k}": v for k, v in values.items()}

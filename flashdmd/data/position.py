@@ -15,14 +15,25 @@ trainer consumed (``raw``). Two modes (``data.resampled``):
   count may change.
 
 The position is a plain JSON-serialisable dict (``state_dict`` / ``from_state_dict``).
+
+At another world size (a requeued job on fewer or more nodes), the old ranks' positions are
+re-split (``resplit_streams``): new rank r takes over the counters of old ranks r, r + W', ...
+(samples, bad items, items seen: totals are kept), every rank keeps the common batch count (so
+epochs and the worker round-robin stay aligned), and the streams are fresh draws (``restart``
+bumped, as at every resampled resume). Per-rank cursors cannot be carried to another split, and
+with resampled shards there is no replay to be exact about; the deterministic mode would skip or
+repeat up to a pass, so it refuses and names the fix.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from flashdmd.data.bad_samples import DataError
+
+log = logging.getLogger("flashdmd.data")
 
 
 @dataclass
@@ -77,3 +88,39 @@ class DataPosition:
     @classmethod
     def start(cls, mode: str, seed: int, rank: int, world_size: int, workers: int) -> DataPosition:
         return cls(mode=mode, seed=seed, rank=rank, world_size=world_size, workers=workers, raw=[0] * workers)
+
+
+def resplit(saved: list[DataPosition], rank: int, world_size: int) -> DataPosition:
+    """Rank ``rank``'s position among ``world_size`` ranks from every saved rank's position."""
+    if not saved:
+        raise DataError("no saved data positions to re-split")
+    if any(pos.mode != "resampled" for pos in saved):
+        raise DataError(
+            f"the checkpoint's data positions were written by {len(saved)} ranks in deterministic mode; an exact "
+            f"resume on {world_size} ranks is impossible (each rank's shard split changes). Resume on {len(saved)} "
+            "ranks, or set data.resampled=true"
+        )
+    mine = saved[rank::world_size]
+    bad: dict[str, int] = {}
+    for pos in mine:
+        for reason, n in pos.bad.items():
+            bad[reason] = bad.get(reason, 0) + n
+    first = saved[0]
+    return DataPosition(
+        mode=first.mode, seed=first.seed, rank=rank, world_size=world_size, workers=first.workers,
+        restart=max(pos.restart for pos in saved), batches=max(pos.batches for pos in saved),
+        samples=sum(pos.samples for pos in mine), raw=[0] * first.workers, bad=bad, seen=sum(pos.seen for pos in mine),
+    )
+
+
+def resplit_streams(states: list[dict[str, Any] | None], rank: int, world_size: int) -> dict[str, Any]:
+    """Re-split a stream-name -> position state dict (one per saved rank) for ``rank`` of ``world_size``."""
+    present = [s or {} for s in states]
+    out = {}
+    for stream in sorted({k for s in present for k in s}):
+        pos = resplit([DataPosition.from_state_dict(s[stream]) for s in present], rank, world_size)
+        out[stream] = pos.state_dict()
+        if rank == 0:
+            log.info("data stream %r: positions of %d ranks re-split for %d ranks; fresh resampled draws from "
+                     "here (restart %d), sample counters carried over", stream, len(present), world_size, pos.restart)
+    return out

@@ -8,6 +8,7 @@ dropped), or a non-tar file. webdataset's handlers only see the exception.
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import tarfile
@@ -38,12 +39,24 @@ def _is_local(url: str) -> bool:
     return ":" not in url.split("/", 1)[0] or url.startswith("file:")
 
 
+def _is_glob(part: str) -> bool:
+    return any(c in part for c in "*?[")
+
+
 def expand_shards(pattern: str) -> list[str]:
-    """Brace patterns, ``::``-joined lists, a directory (its ``*.tar``) or ``pipe:`` URLs -> URL list."""
+    """Brace patterns, ``::``-joined lists, a directory (its ``*.tar``), local globs (``runs/data/*.tar``,
+    expanded and sorted, as a shell would) or ``pipe:`` URLs -> URL list.
+
+    A glob that matches no file contributes nothing (``check_shards`` then names the pattern); a
+    remote or ``pipe:`` URL is never globbed: ``*`` and ``?`` are legal in a URL or a command.
+    """
     urls: list[str] = []
     for part in expand_urls(pattern) if pattern.strip() else []:
         part = part.strip()
-        if part and _is_local(part) and Path(part).is_dir():
+        if part and _is_local(part) and _is_glob(part):
+            prefix = "file:" if part.startswith("file:") else ""
+            urls.extend(prefix + p for p in sorted(glob.glob(part.removeprefix("file:"))) if Path(p).is_file())
+        elif part and _is_local(part) and Path(part).is_dir():
             urls.extend(sorted(str(p) for p in Path(part).glob("*.tar*")))
         elif part:
             urls.append(part)
@@ -62,7 +75,10 @@ def check_shards(cfg: Config, pattern: str | None = None) -> list[str]:
         raise DataError("data.shards is empty: set it to the training shards, e.g. data.shards=/data/train-{000000..000099}.tar")
     urls = expand_shards(pattern)
     if not urls:
-        raise DataError(f"data.shards={pattern!r} matches no shard (an empty directory?)")
+        raise DataError(
+            f"data.shards={pattern!r} matches no shard file (an empty directory, or a glob that matches nothing?); "
+            "build shards with data_tools/make_shards.py or fix the path"
+        )
     local = [u for u in urls if _is_local(u)]
     missing = [u for u in local if not Path(u.removeprefix("file:")).is_file()]
     if local and len(missing) == len(local) == len(urls):

@@ -1,9 +1,17 @@
-"""The engine interface the algorithm uses (DESIGN.md, "engines" layer).
+"""The engine interface: everything the algorithm and the run layer ask of an engine (DESIGN.md,
+"engines" layer).
 
 The algorithm sees networks by role name ("generator", "fake_score", "discriminator" trainable;
 "teacher", "decoder", "reward", "reference", ... frozen) and asks the engine to run backward,
-step, EMA and reduce metrics. Local, FSDP2 and DeepSpeed ZeRO-3 implement it; the algorithm
-never knows which one it runs under.
+step, EMA and reduce metrics; the run layer asks for checkpoints, full weights, the memory
+report and the learning-rate schedules (the guard lowers them after a rollback). Local, DDP,
+FSDP2 and DeepSpeed ZeRO-3 implement it; the algorithm never knows which one it runs under.
+
+Non-finite policy, the same on every engine: ``step`` refuses an update when any loss passed to
+``backward`` since the last step, or the gradient norm, is NaN/Inf on ANY rank (one all-reduced
+flag, so all ranks refuse the same update). A refused update leaves weights, optimizer moments
+and the schedule's step counter as they were, drops the gradients, and is reported as
+``{"skipped": 1.0}`` next to ``grad_norm`` and ``lr``; ``flashdmd.train.guard`` counts it.
 """
 from __future__ import annotations
 
@@ -11,10 +19,15 @@ import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import Tensor, nn
+
+from flashdmd.engine.common import finite_everywhere
+
+if TYPE_CHECKING:
+    from flashdmd.engine.lr import StepSchedule
 
 
 @dataclass
@@ -34,25 +47,47 @@ class Engine(ABC):
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    # the dtype trainable networks run forward in under this engine's precision policy;
+    # None: their own parameter dtype (local and DDP engines run the modules as built)
+    compute_dtype: torch.dtype | None = None
+    # one per trainable network: the learning rate written before each optimizer step
+    schedules: dict[str, StepSchedule]
+    # per trainable network, the losses passed to ``backward`` since its last step (finite check)
+    losses: dict[str, list[Tensor]]
 
+    # -- membership -----------------------------------------------------------------------------
     @abstractmethod
     def setup(self, trainable: dict[str, nn.Module], optim: dict[str, OptimSpec], frozen: dict[str, nn.Module]) -> None:
         """Wrap the networks: trainable ones get an optimizer and scheduler, frozen ones none."""
 
     @abstractmethod
     def __getitem__(self, name: str) -> nn.Module:
-        """The (possibly wrapped) module to call forward on."""
+        """The (possibly wrapped) module to call forward on; KeyError for an unknown name."""
 
+    def __contains__(self, name: str) -> bool:
+        try:
+            self[name]
+        except KeyError:
+            return False
+        return True
+
+    def trainable_names(self) -> list[str]:
+        """The networks that have an optimizer, sorted."""
+        return sorted(self.schedules)
+
+    # -- optimisation -------------------------------------------------------------------------
     @abstractmethod
     def backward(self, name: str, loss: Tensor) -> None:
-        """Back-propagate ``loss`` for the trainable network ``name``."""
+        """Back-propagate ``loss`` for the trainable network ``name`` (recorded for the finite check)."""
 
     @abstractmethod
     def step(self, name: str) -> dict[str, float]:
-        """Clip, optimizer step, scheduler step, zero grad; returns {"grad_norm", "lr"}."""
+        """Clip, optimizer step, scheduler step, zero grad; returns {"grad_norm", "lr"}, plus
+        {"skipped": 1.0} when the non-finite policy (module docstring) refused the update."""
 
     @abstractmethod
-    def zero_grad(self, name: str) -> None: ...
+    def zero_grad(self, name: str) -> None:
+        """Drop the gradients (and recorded losses) of ``name`` without an update."""
 
     @abstractmethod
     @contextlib.contextmanager
@@ -62,11 +97,30 @@ class Engine(ABC):
 
     @abstractmethod
     def ema_(self, target: str, source: str, decay: float) -> None:
-        """target <- decay * target + (1 - decay) * source, shard by shard (spec 1.7, Eq. 11)."""
+        """target <- decay * target + (1 - decay) * source, shard by shard (spec 1.7, Eq. 11),
+        through ``flashdmd.engine.common.ema_update_``."""
 
     @abstractmethod
     def all_reduce_mean(self, value: Tensor) -> Tensor: ...
 
+    def scale_learning_rates(self, factor: float) -> None:
+        """Multiply the base rate of every trainable network's schedule (warm-up and decay follow)."""
+        for schedule in self.schedules.values():
+            schedule.spec.lr *= factor
+
+    # -- the non-finite policy, shared by every engine ------------------------------------------
+    def _record_loss(self, name: str, loss: Tensor) -> None:
+        self.losses.setdefault(name, []).append(loss.detach())
+
+    def _refuse_update(self, name: str, *norms: Tensor) -> bool:
+        """Collective: True when a recorded loss of ``name`` or a norm is non-finite on any rank
+        (one flag per rank is reduced, so ranks may have recorded different numbers of losses)."""
+        return not finite_everywhere(torch.zeros(()), *self.losses.pop(name, []), *norms)
+
+    def _skipped(self, name: str, grad_norm: float) -> dict[str, float]:
+        return {"grad_norm": grad_norm, "lr": self.schedules[name].lr, "skipped": 1.0}
+
+    # -- state and reports --------------------------------------------------------------------
     @abstractmethod
     def save(self, step_dir: Path) -> None:
         """Collective: every trainable network, optimizer and scheduler into ``step_dir``."""
@@ -78,3 +132,7 @@ class Engine(ABC):
     @abstractmethod
     def full_state_dict(self, name: str) -> dict[str, Tensor]:
         """Collective: full (unsharded) weights of ``name`` on rank 0, {} elsewhere."""
+
+    @abstractmethod
+    def memory_report(self) -> dict[str, dict[str, int]]:
+        """Per trainable network, this rank's bytes of parameters, gradients and optimizer state."""

@@ -1,9 +1,10 @@
-"""Pieces every multi-process engine shares: block discovery, the frozen-network context,
-metric reduction, EMA pairing checks and the per-network memory report."""
+"""Pieces every engine shares: block discovery, the frozen-network context, the finite check,
+metric reduction, the one EMA implementation (on whatever shards a rank holds) and the
+per-network memory report."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -99,6 +100,34 @@ def ema_pairs(target: nn.Module, source: nn.Module) -> list[tuple[str, nn.Parame
             raise ValueError(f"EMA needs identical architectures; {name} has shape {tuple(p.shape)} vs {tuple(q.shape)}")
         pairs.append((name, p, q))
     return pairs
+
+
+def _whole(name: str, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    return p.data, q.data
+
+
+ShardView = Callable[[str, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+@torch.no_grad()
+def ema_update_(target: nn.Module, source: nn.Module, decay: float, shards: ShardView = _whole,
+                store: Callable[[Tensor, Tensor], None] | None = None) -> None:
+    """The one EMA of every engine (spec 1.7, Eq. 11): psi <- decay psi + (1 - decay) theta over
+    the trainable tensors matched by name (``ema_pairs``), each rank on what it holds.
+
+    ``shards(name, p, q)`` gives this rank's pieces of the target and source tensor (the whole
+    tensor on replicas, the local DTensor shard under FSDP2, the fp32 master partition under
+    ZeRO-3); they must have equal shapes, which holds because identical architectures are
+    partitioned identically. The update is in place unless ``store(p, new)`` writes it back
+    (ZeRO-3 keeps the master and its bit16 copy apart). No collective is needed."""
+    for name, p, q in ema_pairs(target, source):
+        lp, lq = shards(name, p, q)
+        if lp.shape != lq.shape:
+            raise RuntimeError(f"EMA: this rank's pieces of {name} differ: {tuple(lp.shape)} vs {tuple(lq.shape)}")
+        if store is None:
+            lp.lerp_(lq.to(lp.dtype), 1.0 - decay)
+        else:
+            store(p, lp.lerp(lq.to(lp.dtype), 1.0 - decay))
 
 
 def nbytes(tensors: Iterable[Tensor | None]) -> int:

@@ -23,6 +23,8 @@ from flashdmd.engine.local import LocalEngine
 
 
 class DDPEngine(LocalEngine):
+    kind = "ddp"
+
     def __init__(self, device: torch.device | str | None = None) -> None:
         if not dist.is_initialized():
             raise RuntimeError("DDPEngine needs an initialised process group (torch.distributed.init_process_group)")
@@ -65,7 +67,3 @@ class DDPEngine(LocalEngine):
 
     def full_state_dict(self, name: str) -> dict[str, Tensor]:
         return super().full_state_dict(name) if self.rank == 0 else {}
-
-    def memory_report(self) -> dict[str, dict[str, int]]:
-        """Per trainable network: bytes of parameters, gradients and optimizer state (full replicas)."""
-        return common.replica_memory(self.modules, self.optimizers)

@@ -15,17 +15,24 @@ process group (anchors_jobsystem.md 1.4-1.5).
 - EMA (spec 1.7): on the local fp32 master partitions and the local bit16 partitions, no
   gathering; identical architectures partition identically, which is asserted per tensor.
 - Checkpoints: each rank writes its optimizer partition (fp32 master flat groups and Adam
-  moments) to ``<name>/rank<r>.safetensors`` plus JSON; DeepSpeed's own ``save_checkpoint``
-  is not used because it pickles. Loading needs the same world size (no universal format).
+  moments) to ``<name>/rank<r>.safetensors`` plus JSON, rank 0 the buffers and the map
+  ``<name>.map.json`` (layout ``zero3``: every parameter's sub-group, offset and partition size,
+  flashdmd.engine.checkpoint_map). Loading rebuilds this rank's partitions from the map, so a step
+  directory resumes at any world size. With ``native_layout`` DeepSpeed's own ``save_checkpoint``
+  also writes its standard layout into ``<name>/`` (``latest``, ``ds/mp_rank_00_model_states.pt``,
+  ``ds/zero_pp_rank_<r>_mp_rank_00_optim_states.pt``, ``zero_to_fp32.py``) for DeepSpeed's tools
+  (zero_to_fp32, ds_to_universal). Those files are pickles for DeepSpeed to read; flashdmd never
+  reads them.
 - Full weights (export): fp32 masters all-gathered tensor by tensor, the same numbers
   DeepSpeed's zero_to_fp32 consolidation produces.
 
 Not covered: fp16 loss-scaler state is not checkpointed (bf16 and fp32 need none), NVMe
-offload, and resuming at another world size (DeepSpeed's universal checkpoints pickle).
+offload.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,19 +40,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from torch import Tensor, nn
 
 from flashdmd.engine import common
 from flashdmd.engine.base import Engine, OptimSpec
+from flashdmd.engine.checkpoint_map import tensor_entry, write_map, zero3_entries, zero3_local_slice
+from flashdmd.engine.checkpoint_reader import CheckpointReader
 from flashdmd.engine.lr import StepSchedule
-from flashdmd.engine.state_io import (
-    join_optimizer_state,
-    load_json,
-    load_tensors,
-    save_json,
-    save_tensors,
-    split_optimizer_state,
-)
+from flashdmd.engine.state_io import join_optimizer_state, load_json, save_json, save_tensors, split_optimizer_state
 
 # DeepSpeed picks its accelerator when imported; say which one instead of letting it probe.
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -53,6 +56,21 @@ import deepspeed
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_local_fp32_param
 
 SHARDED_FROZEN = ("teacher", "reference")
+NATIVE_TAG = "ds"  # the tag of DeepSpeed's own checkpoint inside <step>/<name>/
+log = logging.getLogger("flashdmd.engine")
+
+
+def _master_partitions(name: str, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """This rank's fp32 master partitions of two ZeRO-3 parameters, for the EMA."""
+    if p.ds_tensor.numel() != q.ds_tensor.numel() or p.ds_numel != q.ds_numel:
+        raise RuntimeError(f"EMA: the two networks' {name} are partitioned differently")
+    return safe_get_local_fp32_param(p), safe_get_local_fp32_param(q)
+
+
+def _store_master(p: Tensor, master: Tensor) -> None:
+    """Write an updated fp32 master partition and the bit16 partition the forward gathers."""
+    safe_set_local_fp32_param(p, master)
+    p.ds_tensor.copy_(master.to(p.ds_tensor.dtype))
 
 
 class DeepSpeedEngine(Engine):
@@ -65,6 +83,7 @@ class DeepSpeedEngine(Engine):
         offload_optimizer: bool = False,
         offload_params: bool = False,
         teacher_sharding: str = "replicate",
+        native_layout: bool = True,
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("DeepSpeedEngine needs an initialised process group (torch.distributed.init_process_group)")
@@ -73,13 +92,16 @@ class DeepSpeedEngine(Engine):
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         # fp32 master weights always; bf16/fp16 compute only where there is a GPU.
         self.precision = precision if self.device.type == "cuda" else "fp32"
+        self.compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self.gradient_checkpointing = gradient_checkpointing
         self.offload_optimizer, self.offload_params = offload_optimizer, offload_params
         self.teacher_sharding = teacher_sharding
+        self.native_layout = native_layout
         self.engines: dict[str, Any] = {}
         self.frozen_nets: dict[str, nn.Module] = {}
         self.schedules: dict[str, StepSchedule] = {}
         self.specs: dict[str, OptimSpec] = {}
+        self.losses: dict[str, list[Tensor]] = {}  # this step's losses per network, for the finite check
 
     # ---------------------------------------------------------------- placement
     def _config(self, spec: OptimSpec | None) -> dict[str, Any]:
@@ -154,18 +176,31 @@ class DeepSpeedEngine(Engine):
 
     # ---------------------------------------------------------------- training
     def backward(self, name: str, loss: Tensor) -> None:
+        self._record_loss(name, loss)
         self._engine(name).backward(loss)
 
     def step(self, name: str) -> dict[str, float]:
-        engine = self._engine(name)
-        lr = self.schedules[name].apply(engine.optimizer.param_groups)
+        """The non-finite policy (engine/base.py) in two checks, as ZeRO-3 holds the gradient
+        norm only inside its step: a non-finite loss on any rank skips ``engine.step`` (zero_grad
+        resets ZeRO-3's micro-step, so the next backward overwrites the partitioned gradients
+        instead of adding to them); a non-finite global norm, all-reduced by DeepSpeed itself,
+        makes its step discard the update (its overflow path, taken for every dtype)."""
+        engine, schedule = self._engine(name), self.schedules[name]
+        if self._refuse_update(name):
+            engine.optimizer.zero_grad(set_to_none=True)
+            return self._skipped(name, float("nan"))
+        lr = schedule.apply(engine.optimizer.param_groups)
         engine.step()
-        self.schedules[name].advance()
         engine.optimizer.zero_grad(set_to_none=True)
         norm = engine.get_global_grad_norm()
-        return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr}
+        norm = float(norm) if norm is not None else float("nan")
+        if engine.optimizer.overflow:
+            return self._skipped(name, norm)
+        schedule.advance()
+        return {"grad_norm": norm, "lr": lr}
 
     def zero_grad(self, name: str) -> None:
+        self.losses.pop(name, None)
         self._engine(name).optimizer.zero_grad(set_to_none=True)
 
     @contextlib.contextmanager
@@ -173,15 +208,9 @@ class DeepSpeedEngine(Engine):
         with common.no_grad_collection(self._engine(n).module for n in names):
             yield
 
-    @torch.no_grad()
     def ema_(self, target: str, source: str, decay: float) -> None:
-        for name, p, q in common.ema_pairs(self._engine(target).module, self._engine(source).module):
-            if p.ds_tensor.numel() != q.ds_tensor.numel() or p.ds_numel != q.ds_numel:
-                raise RuntimeError(f"EMA: {target}.{name} and {source}.{name} are partitioned differently")
-            master = safe_get_local_fp32_param(p)
-            master = master.lerp(safe_get_local_fp32_param(q).to(master.dtype), 1.0 - decay)
-            safe_set_local_fp32_param(p, master)
-            p.ds_tensor.copy_(master.to(p.ds_tensor.dtype))
+        common.ema_update_(self._engine(target).module, self._engine(source).module, decay,
+                           shards=_master_partitions, store=_store_master)
 
     def all_reduce_mean(self, value: Tensor) -> Tensor:
         return common.all_reduce_mean(value, self.device)
@@ -194,42 +223,77 @@ class DeepSpeedEngine(Engine):
     def save(self, step_dir: Path) -> None:
         for name, engine in self.engines.items():
             folder = Path(step_dir) / name
-            state = engine.optimizer.state_dict()  # this rank's partitions (ZeRO-3 rigid state dict)
+            opt = engine.optimizer
+            state = opt.state_dict()  # this rank's partitions (ZeRO-3 rigid state dict)
             tensors, meta = split_optimizer_state(state["optimizer_state_dict"])
             tensors.update({f"fp32.{i}": t for i, t in enumerate(state["fp32_flat_groups"])})
             save_tensors(folder / f"rank{self.rank:05d}.safetensors", tensors)
             meta.update(world_size=self.world_size, layout=self._layout(name))
             save_json(folder / f"rank{self.rank:05d}.json", meta)
+            if self.native_layout:
+                engine.save_checkpoint(str(folder), tag=NATIVE_TAG)
             if self.rank == 0:
                 save_json(folder / "schedule.json", self.schedules[name].state_dict())
+                buffers = {k: b for k, b in engine.module.named_buffers()}
+                save_tensors(folder / "buffers.safetensors", buffers)
+                entries = zero3_entries(engine.module, opt.fp16_groups)
+                entries.update({k: tensor_entry(b) for k, b in buffers.items()})
+                write_map(step_dir, name, "deepspeed", "zero3", self.world_size, entries)
         dist.barrier()
 
     def load(self, step_dir: Path) -> None:
+        reader = CheckpointReader(step_dir)
         for name, engine in self.engines.items():
-            folder = Path(step_dir) / name
-            meta = load_json(folder / f"rank{self.rank:05d}.json")
-            if meta["world_size"] != self.world_size or meta["layout"] != self._layout(name):
-                raise ValueError(
-                    f"{folder}: saved by {meta['world_size']} ranks with partition layout {meta['layout']}; this run has "
-                    f"{self.world_size} ranks and {self._layout(name)}. Resume with the world size the checkpoint was written with."
-                )
-            tensors = load_tensors(folder / f"rank{self.rank:05d}.safetensors")
+            saved = reader.map(name)["world_size"]
+            if saved != self.world_size and self.rank == 0:
+                log.info("%s: re-partitioning ZeRO-3 state written by %d ranks for %d ranks", name, saved, self.world_size)
             opt = engine.optimizer
-            flats = [tensors.pop(f"fp32.{i}") for i in range(len(opt.fp32_partitioned_groups_flat))]
             # DeepSpeed's own loader restores the Adam moments, the fp32 masters and, from them,
-            # the bit16 partitions the forward gathers.
+            # the bit16 partitions the forward gathers; the partitions come from the map.
             opt._rigid_load_state_dict(
                 {
                     "loss_scaler": opt.loss_scaler,
                     "dynamic_loss_scale": opt.dynamic_loss_scale,
                     "overflow": False,
-                    "optimizer_state_dict": join_optimizer_state(tensors, meta, int_keys=True),
-                    "fp32_flat_groups": flats,
+                    **self._partitions(reader, name),
                 },
                 load_optimizer_states=True,
             )
-            self.schedules[name].load_state_dict(load_json(folder / "schedule.json"))
+            self.schedules[name].load_state_dict(load_json(Path(step_dir) / name / "schedule.json"))
         dist.barrier()
+
+    def _partitions(self, reader: CheckpointReader, name: str) -> dict[str, Any]:
+        """This rank's flat fp32 partitions and optimizer state of ``name``, cut out of the full
+        tensors of a step directory written at any world size (ZeRO-3's partition rule)."""
+        engine = self._engine(name)
+        opt, folder = engine.optimizer, reader.folder / name
+        names = {id(p): n for n, p in engine.module.named_parameters()}
+        groups = [[names[id(p)] for p in params] for params in opt.fp16_groups]
+        entries = reader.map(name)["tensors"]
+        saved_groups = sorted({e["group"] for e in entries.values() if "group" in e})
+        mine = {n for g in groups for n in g}
+        if saved_groups != list(range(len(groups))) or mine != {k for k, e in entries.items() if "group" in e}:
+            raise ValueError(f"{folder}: the checkpoint's parameters or ZeRO-3 sub-groups do not match network {name!r} "
+                             f"(e.g. {sorted(mine ^ {k for k, e in entries.items() if 'group' in e})[:5]}); "
+                             "model.family, model.lora or engine.sub_group settings differ from the run that wrote it")
+        meta = load_json(folder / "rank00000.json")
+        with safe_open(str(folder / "rank00000.safetensors"), "pt") as f:
+            scalars = {k: f.get_tensor(k) for k in f.keys() if k.startswith("state.") and not f.get_slice(k).get_shape()}
+            moments = sorted({k.split(".")[2] for k in f.keys() if k.startswith("state.") and f.get_slice(k).get_shape()})
+
+        def flat(read: Any) -> list[Tensor]:
+            return [torch.cat([zero3_local_slice(read(n).reshape(-1).float(), self.rank, self.world_size) for n in g])
+                    for g in groups]
+
+        fp32 = flat(lambda n: reader.tensor(name, n))
+        for i, t in enumerate(fp32):
+            if t.numel() != opt.fp32_partitioned_groups_flat[i].numel():
+                raise ValueError(f"{folder}: sub-group {i} re-partitions to {t.numel()} elements, the engine holds "
+                                 f"{opt.fp32_partitioned_groups_flat[i].numel()}")
+        tensors = dict(scalars)
+        for m in moments:
+            tensors.update({f"state.{i}.{m}": t for i, t in enumerate(flat(lambda n: reader.optimizer_tensor(name, n, m)))})
+        return {"optimizer_state_dict": join_optimizer_state(tensors, meta, int_keys=True), "fp32_flat_groups": fp32}
 
     def full_state_dict(self, name: str) -> dict[str, Tensor]:
         """fp32 masters of trainable tensors, gathered bit16 values of frozen ones, buffers as held."""

@@ -11,22 +11,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from flashdmd.algo.stage1 import stage1_optim_specs
+from flashdmd.algo.optim import optim_specs
 from flashdmd.config import Config
-from flashdmd.engine.base import Engine, OptimSpec
+from flashdmd.engine.base import Engine
 
-
-def optim_specs(cfg: Config, stage: int = 1) -> dict[str, OptimSpec]:
-    """AdamW settings per trainable network from ``cfg.stage1`` (spec 1.6 [INF]), as the stage-1
-    algorithm defines them; in stage 2 the generator uses ``stage2.rl_lr`` (0 -> stage1's) and
-    every schedule spans ``stage2.iterations``."""
-    specs = stage1_optim_specs(cfg.stage1)
-    if stage == 2:
-        for name, spec in specs.items():
-            spec.total_steps = cfg.stage2.iterations
-            if name == "generator" and cfg.stage2.rl_lr > 0:
-                spec.lr = cfg.stage2.rl_lr
-    return specs
+__all__ = ["build_engine", "optim_specs"]  # optim_specs: the settings every engine is set up with
 
 
 def build_engine(cfg: Config, device: torch.device | None = None) -> Engine:

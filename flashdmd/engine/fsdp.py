@@ -12,7 +12,10 @@ gradients.
 
 Departures from FastVideo/FastGen (anchors_dmd_code.md): checkpoints use DCP's Hugging Face
 safetensors storage (no pickled ``.metadata``) with optimizer hyper-parameters in JSON, and
-frozen tensors are never saved (``ignore_frozen_params``).
+frozen tensors are never saved (``ignore_frozen_params``). Each chunk's offsets sit in its
+file's header, so ``dcp.load`` re-shards a step directory written at any world size, and
+``<name>.map.json`` (layout ``dcp``) names the global shapes for single-process readers
+(flashdmd.engine.checkpoint_reader).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from torch.distributed.tensor import DTensor
 
 from flashdmd.engine import common
 from flashdmd.engine.base import Engine, OptimSpec
+from flashdmd.engine.checkpoint_map import tensor_entry, write_map
 from flashdmd.engine.lr import StepSchedule
 from flashdmd.engine.state_io import join_optimizer_state, load_json, save_json, split_optimizer_state
 
@@ -46,6 +50,15 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _local_shards(name: str, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """This rank's shards of two parameters for the EMA; they must be sharded alike."""
+    if isinstance(p, DTensor) != isinstance(q, DTensor) or (
+        isinstance(p, DTensor) and (p.placements != q.placements or not torch.equal(p.device_mesh.mesh, q.device_mesh.mesh))
+    ):
+        raise RuntimeError(f"EMA: the two networks' {name} are sharded differently")
+    return _local(p), _local(q)
 
 
 class FSDPEngine(Engine):
@@ -66,6 +79,7 @@ class FSDPEngine(Engine):
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         # fp32 master weights always; on CPU compute stays fp32 (precision policy).
         compute = _DTYPES[precision] if self.device.type == "cuda" else torch.float32
+        self.compute_dtype = compute
         self.mp_policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
         self.offload_policy = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if offload else None
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))  # one mesh: identical sharding per shape
@@ -124,7 +138,7 @@ class FSDPEngine(Engine):
     # ---------------------------------------------------------------- training
     def backward(self, name: str, loss: Tensor) -> None:
         self._trainable(name)
-        self.losses.setdefault(name, []).append(loss.detach())
+        self._record_loss(name, loss)
         loss.backward()
 
     def step(self, name: str) -> dict[str, float]:
@@ -132,9 +146,9 @@ class FSDPEngine(Engine):
         params = [p for _, p in common.trainable_parameters(module)]
         norm = torch.nn.utils.clip_grad_norm_(params, self.specs[name].grad_clip)
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-        if not common.finite_everywhere(norm, *self.losses.pop(name, [])):  # every rank skips
+        if self._refuse_update(name, norm):  # the non-finite policy (engine/base.py)
             opt.zero_grad(set_to_none=True)
-            return {"grad_norm": float(norm), "lr": schedule.lr, "skipped": 1.0}
+            return self._skipped(name, float(norm))
         lr = schedule.apply(opt.param_groups)
         opt.step()
         schedule.advance()
@@ -155,15 +169,7 @@ class FSDPEngine(Engine):
             for m in module.modules():
                 if isinstance(m, FSDPModule):
                     m.reshard()
-        for name, p, q in common.ema_pairs(self._trainable(target), self._trainable(source)):
-            if isinstance(p, DTensor) != isinstance(q, DTensor) or (
-                isinstance(p, DTensor) and (p.placements != q.placements or not torch.equal(p.device_mesh.mesh, q.device_mesh.mesh))
-            ):
-                raise RuntimeError(f"EMA: {target}.{name} and {source}.{name} are sharded differently")
-            lp, lq = _local(p), _local(q)
-            if lp.shape != lq.shape:
-                raise RuntimeError(f"EMA: local shards of {name} differ: {tuple(lp.shape)} vs {tuple(lq.shape)}")
-            lp.mul_(decay).add_(lq, alpha=1.0 - decay)
+        common.ema_update_(self._trainable(target), self._trainable(source), decay, shards=_local_shards)
 
     def all_reduce_mean(self, value: Tensor) -> Tensor:
         return common.all_reduce_mean(value, self.device)
@@ -185,6 +191,8 @@ class FSDPEngine(Engine):
             if self.rank == 0:
                 save_json(folder / "optim.json", meta)
                 save_json(folder / "schedule.json", self.schedules[name].state_dict())
+                model = {k[len("model."):]: tensor_entry(v) for k, v in state.items() if k.startswith("model.")}
+                write_map(step_dir, name, "fsdp", "dcp", self.world_size, model)
         dist.barrier()
 
     def load(self, step_dir: Path) -> None:

@@ -8,13 +8,14 @@ Checkpoint layout of one step directory (written by ``save``, read by ``load``):
 ``<name>.safetensors`` (the trainable parameters and buffers of network ``name``; a
 discriminator's frozen backbone is left out, DESIGN.md "frozen networks are never
 checkpointed"), ``<name>.optim.safetensors`` (optimizer tensors, keyed ``<param>.<state key>``),
-``<name>.optim.json`` (the non-tensor optimizer state and the LR schedule's step counter).
-Nothing is pickled.
+``<name>.optim.json`` (the non-tensor optimizer state and the LR schedule's step counter),
+``<name>.map.json`` (the map: layout ``full``, names, shapes, dtypes; flashdmd.engine.checkpoint_map).
+Nothing is pickled; every file is written atomically (``state_io.atomic_write``). Full replicas
+resume at any world size.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from flashdmd.engine import common
 from flashdmd.engine.base import Engine, OptimSpec
-from flashdmd.engine.common import finite_everywhere
 from flashdmd.engine.lr import StepSchedule
 
 
@@ -36,6 +37,8 @@ def checkpoint_state(module: nn.Module) -> dict[str, Tensor]:
 
 
 class LocalEngine(Engine):
+    kind = "local"  # the engine named in checkpoint maps
+
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.rank, self.world_size = 0, 1
@@ -92,7 +95,7 @@ class LocalEngine(Engine):
     # -- optimisation -----------------------------------------------------------------------
     def backward(self, name: str, loss: Tensor) -> None:
         self._trainable(name)
-        self.losses.setdefault(name, []).append(loss.detach())
+        self._record_loss(name, loss)
         loss.backward()
 
     def step(self, name: str) -> dict[str, float]:
@@ -100,10 +103,9 @@ class LocalEngine(Engine):
         opt, spec = self.optimizers[name], self.specs[name]
         params = [p for group in opt.param_groups for p in group["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
-        # no update from a NaN/Inf loss or gradient on any rank (all ranks skip together)
-        if not finite_everywhere(grad_norm, *self.losses.pop(name, [])):
+        if self._refuse_update(name, grad_norm):  # the non-finite policy (engine/base.py)
             opt.zero_grad(set_to_none=True)
-            return {"grad_norm": float(grad_norm), "lr": self.schedules[name].lr, "skipped": 1.0}
+            return self._skipped(name, float(grad_norm))
         lr = self.schedules[name].apply(opt.param_groups)
         opt.step()
         self.schedules[name].advance()
@@ -127,29 +129,28 @@ class LocalEngine(Engine):
             for p in switched:
                 p.requires_grad_(True)
 
-    @torch.no_grad()
     def ema_(self, target: str, source: str, decay: float) -> None:
-        """target <- decay * target + (1 - decay) * source on every parameter (spec 1.7, Eq. 11)."""
-        tgt = dict(self.modules[target].named_parameters())
-        src = dict(self.modules[source].named_parameters())
-        if tgt.keys() != src.keys():
-            raise ValueError(f"ema_: {target!r} and {source!r} have different parameters "
-                             f"(first differences: {sorted(tgt.keys() ^ src.keys())[:5]})")
-        for key, p in tgt.items():
-            p.lerp_(src[key].to(p.dtype), 1.0 - decay)
+        """target <- decay * target + (1 - decay) * source over the full replicas (spec 1.7, Eq. 11)."""
+        common.ema_update_(self.modules[target], self.modules[source], decay)
 
     def all_reduce_mean(self, value: Tensor) -> Tensor:
         return value
+
+    def memory_report(self) -> dict[str, dict[str, int]]:
+        """Per trainable network: bytes of parameters, gradients and optimizer state (full replicas)."""
+        return common.replica_memory(self.modules, self.optimizers)
 
     # -- checkpoints --------------------------------------------------------------------------
     def save(self, step_dir: Path) -> None:
         step_dir = Path(step_dir)
         step_dir.mkdir(parents=True, exist_ok=True)
         for name in sorted(self.trainable):
-            save_file(checkpoint_state(self.modules[name]), str(step_dir / f"{name}.safetensors"))
+            state = checkpoint_state(self.modules[name])
+            save_tensors(step_dir / f"{name}.safetensors", state)
             tensors, meta = self._optimizer_state(name)
-            save_file(tensors, str(step_dir / f"{name}.optim.safetensors"))
-            (step_dir / f"{name}.optim.json").write_text(json.dumps(meta, indent=1))
+            save_tensors(step_dir / f"{name}.optim.safetensors", tensors)
+            save_json(step_dir / f"{name}.optim.json", meta)
+            write_map(step_dir, name, self.kind, "full", self.world_size, {k: tensor_entry(v) for k, v in state.items()})
 
     def load(self, step_dir: Path) -> None:
         step_dir = Path(step_dir)
@@ -164,7 +165,7 @@ class LocalEngine(Engine):
                 raise ValueError(f"{path}: keys do not match network {name!r} "
                                  f"(first differences: {sorted(set(state) ^ expected)[:5]})")
             module.load_state_dict(state, strict=False)
-            meta = json.loads((step_dir / f"{name}.optim.json").read_text())
+            meta = load_json(step_dir / f"{name}.optim.json")
             tensors = load_file(str(step_dir / f"{name}.optim.safetensors"), device=str(self.device))
             self._load_optimizer_state(name, tensors, meta)
 

@@ -4,11 +4,19 @@ Checkpoints are read back on resume, possibly from a shared file system other us
 so nothing here ever unpickles (DESIGN.md: safetensors + JSON only). Optimizer state dicts
 (``{"state": {key: {name: value}}, "param_groups": [...]}``) are split into a flat tensor
 dict and a JSON document and joined again on load.
+
+Every file goes through ``atomic_write``: a unique temporary file in the same folder, renamed
+over the target, so a reader (or a crash) never sees half a file, and given the permissions a
+plain ``open`` would (0666 less the umask; ``mkstemp`` alone makes 0600, which hides the weights
+from the group that shares a run directory).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +25,35 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 
-def save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    """Write ``tensors`` (any device, any layout) to a safetensors file."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced, given the umask's
+    permissions and renamed to ``path``; on failure it is removed and ``path`` is untouched."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (any device, any layout) to a safetensors file, atomically."""
+    with atomic_write(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata)
 
 
 def load_tensors(path: Path) -> dict[str, Tensor]:
@@ -31,10 +64,8 @@ def load_tensors(path: Path) -> dict[str, Tensor]:
 
 def save_json(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
 def load_json(path: Path) -> Any:

@@ -7,7 +7,7 @@ from typing import Any
 from flashdmd.eval.metrics import REGISTRY
 
 # the paper's column order, then the metrics it does not report
-COLUMN_ORDER = ("clip_score", "image_reward", "pickscore", "hpsv2", "mps", "fid")
+COLUMN_ORDER = ("clip_score", "image_reward", "pickscore", "hpsv2", "mps", "fid", "fd_clip")
 
 
 def results_table(rows: list[dict[str, Any]], metrics: list[str] | None = None, notes: list[str] = ()) -> str:

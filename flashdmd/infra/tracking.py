@@ -15,6 +15,13 @@ Follows (see ../shared/research/anchors_jobsystem.md section 4).
   interruption therefore keep their first values (MLflow cannot delete single points).
 * Params are immutable in MLflow: a continued run does not re-log them; keys whose value changed
   are listed in the tag ``flashdmd.config_changed_on_resume``.
+* What the MLflow UI shows: the experiment is tagged for model training (MLflow 3 opens an
+  untagged experiment in its GenAI view); each run carries a description (``mlflow.note.content``:
+  preset, job, mode, parent), user, source command, and tags for preset, job, mode, family,
+  engine, nodes and parent name; sample grids go through ``MlflowClient.log_image`` with their
+  step (the UI's slider over steps), their prompts in ``samples/<name>/prompts.txt``; MLflow's own
+  system-metrics monitor runs in the writer process (``system/*``: CPU, memory, disk, network,
+  GPU where present).
 
 Store: ``cfg.tracking_uri`` (a server, or MLflow 3's SQLite default under the run root, with
 artifacts in ``<run_root>/mlartifacts`` instead of MLflow's ``./mlruns`` next to the working
@@ -24,6 +31,7 @@ exponential backoff by default: minutes per call) unless the user set them; it r
 
 from __future__ import annotations
 
+import getpass
 import json
 import math
 import os
@@ -74,9 +82,39 @@ def config_params(cfg: Config) -> dict[str, str]:
     return {key: _clip(str(value), MAX_PARAM_VAL_LENGTH) for key, value in flatten(to_dict(cfg)).items()}
 
 
-def run_tags(cfg: Config, stage: str, git: dict[str, Any]) -> dict[str, str]:
+COMMAND_ENV = "FLASHDMD_COMMAND"  # the command that started the job (jobs/submit.py, python -m flashdmd.train)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3: the model-training view
+MIN_TILE_PX = 256  # grid tiles are upscaled (nearest) to at least this size, so 64-px samples stay readable
+
+
+def run_mode(cfg: Config, stage: str) -> str:
+    """What kind of training the run is: the stage-1 mode, with the RL:DM ratio in stage 2."""
+    return cfg.stage1.mode if stage == "stage1" else f"{cfg.stage1.mode}+rl{cfg.stage2.rl_per_dm}:1"
+
+
+def run_description(cfg: Config, stage: str, parent_name: str | None) -> str:
+    """The run's description in the MLflow UI (markdown)."""
+    preset = cfg.tracking.tags.get("preset", "")
+    lines = [
+        f"**{stage}** of {f'preset `{preset}`' if preset else 'a custom config'}: mode `{run_mode(cfg, stage)}`, "
+        f"family `{cfg.model.family}`, engine `{cfg.engine.kind}`, {cfg.launch.nodes} node(s), "
+        f"world size {cfg.world_size}, {cfg.stage1.iterations if stage == 'stage1' else cfg.stage2.iterations} "
+        f"iterations.",
+        f"Run directory: `{cfg.run_dir}`.",
+    ]
+    if parent_name:
+        lines.append(f"Continues stage-1 run `{parent_name}` (`stage2.init_from={cfg.stage2.init_from}`).")
+    command = os.environ.get(COMMAND_ENV)
+    if command:
+        lines.append(f"Started by `{command}`.")
+    return "\n\n".join(lines)
+
+
+def run_tags(cfg: Config, stage: str, git: dict[str, Any], parent_name: str | None = None) -> dict[str, str]:
     """The tags every run carries; ``cfg.tracking.tags`` win over the built-in ones."""
     tags = {
+        "job": stage,
+        "mode": run_mode(cfg, stage),
         "family": cfg.model.family,
         "stage": stage,
         "engine": cfg.engine.kind,
@@ -85,18 +123,30 @@ def run_tags(cfg: Config, stage: str, git: dict[str, Any]) -> dict[str, str]:
         "git_commit": git["commit"],
         "git_dirty": str(git["dirty"]),
         "mlflow.source.git.commit": git["commit"],
+        "mlflow.user": getpass.getuser(),
+        "mlflow.source.name": os.environ.get(COMMAND_ENV, f"python -m flashdmd.train --job {stage}"),
+        "mlflow.source.type": "JOB",
+        "mlflow.note.content": run_description(cfg, stage, parent_name),
+        **({"parent": parent_name} if parent_name else {}),
         **cfg.tracking.tags,
     }
     return {key: _clip(str(value), MAX_TAG_VAL_LENGTH) for key, value in tags.items()}
 
 
-def image_grid(images: torch.Tensor) -> np.ndarray:
-    """[N, 3, H, W] in [-1, 1] -> one uint8 [rows*H', cols*W', 3] grid, near-square, 2 px padding."""
+def grid_shape(n: int) -> tuple[int, int]:
+    """(rows, cols) with rows * cols == n and rows <= cols as close as possible: no empty cell."""
+    rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
+    return rows, n // rows
+
+
+def image_grid(images: torch.Tensor, scale: int = 1) -> np.ndarray:
+    """[N, 3, H, W] in [-1, 1] -> one uint8 grid of every image (``scale`` times, nearest), 2 px padding."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"log_images expects a [N, 3, H, W] tensor in [-1, 1], got shape {tuple(images.shape)}")
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images.detach().float(), scale_factor=scale, mode="nearest")
     n, _, h, w = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
+    rows, cols = grid_shape(n)
     pad = 2
     pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     grid = torch.zeros(3, rows * (h + pad) + pad, cols * (w + pad) + pad, dtype=torch.uint8)
@@ -116,7 +166,10 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def log_images(self, name: str, images: torch.Tensor, step: int) -> None:
+    def log_images(self, name: str, images: torch.Tensor, step: int, captions: list[str] | None = None) -> None:
+        pass
+
+    def log_file(self, path: str | Path, artifact_dir: str) -> None:
         pass
 
     def log_config(self, cfg: Config) -> None:
@@ -155,6 +208,8 @@ class Tracker(NullTracker):
         self._next_flush = 0
         self._closed_ok: bool | None = None
         self._writer_gone = False
+        self._closed = False
+        self._captioned: set[str] = set()
 
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
@@ -202,13 +257,27 @@ class Tracker(NullTracker):
             self._jsonl.write(line)
             self._jsonl.flush()  # the writer process reads the file
 
-    def log_images(self, name: str, images: torch.Tensor, step: int) -> None:
-        """A PNG grid of ``images`` ([N, 3, H, W] in [-1, 1]) as artifact samples/<name>/step_<step>.png."""
+    def log_images(self, name: str, images: torch.Tensor, step: int, captions: list[str] | None = None) -> None:
+        """A grid of ``images`` ([N, 3, H, W] in [-1, 1]) as MLflow image ``name`` at ``step`` (the UI's
+        slider over steps), kept as ``<run_dir>/samples/<name>/step_<step>.png``; ``captions`` (one per
+        image, grid order) go once into the artifact ``samples/<name>/prompts.txt``."""
         _check_key(name)
         path = self._run_dir / "samples" / name / f"step_{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image_grid(images)).save(path, compress_level=1)  # fast; grids are small
-        self._send({"op": "artifact", "path": str(path), "dir": f"samples/{name}"})
+        scale = max(1, math.ceil(MIN_TILE_PX / max(images.shape[-2:])))
+        Image.fromarray(image_grid(images, scale)).save(path, compress_level=1)  # fast; grids are small
+        self._send({"op": "image", "path": str(path), "key": name, "step": step})
+        if captions and name not in self._captioned:
+            self._captioned.add(name)
+            rows, cols = grid_shape(len(captions))
+            listing = path.parent / "prompts.txt"
+            listing.write_text(f"grid of {rows} x {cols}, row by row:\n"
+                               + "".join(f"{i + 1}. {c}\n" for i, c in enumerate(captions)))
+            self.log_file(listing, f"samples/{name}")
+
+    def log_file(self, path: str | Path, artifact_dir: str) -> None:
+        """Upload the file ``path`` (as it is when the writer sends it) into ``artifact_dir``."""
+        self._send({"op": "artifact", "path": str(Path(path).resolve()), "dir": artifact_dir})
 
     def log_config(self, cfg: Config) -> None:
         """The resolved config (config/config.yaml) and the reproducibility bundle (config/repro.json)."""
@@ -238,6 +307,9 @@ class Tracker(NullTracker):
         """
         if status not in STATUSES:
             raise ValueError(f"close(status={status!r}): use FINISHED, FAILED or KILLED")
+        if self._closed:  # closed before a requeue, then again by the loop's clean-up
+            return
+        self._closed = True
         self._send({"op": "close", "status": status, "timeout_s": timeout_s})
         with self._lock:
             self._jsonl.close()
@@ -257,7 +329,7 @@ class Tracker(NullTracker):
 
     def _send(self, message: dict[str, Any]) -> None:
         with self._lock:
-            if self._writer_gone:
+            if self._writer_gone or (self._closed and message["op"] != "close"):
                 return
             try:
                 self._proc.stdin.write(json.dumps(message) + "\n")
@@ -295,14 +367,18 @@ def open_tracker(
     parent_run_id: str | None = None,
     *,
     stage: str | None = None,
+    parent_name: str | None = None,
     connect_timeout_s: float = 60.0,
     flush_interval_s: float = 1.0,
+    system_metrics_s: float = 10.0,
 ) -> Tracker | NullTracker:
     """The run's tracker: a ``Tracker`` on rank 0, a ``NullTracker`` on every other rank.
 
     ``run_id`` (from the checkpoint) continues that MLflow run; None starts a new one.
     ``parent_run_id`` links a stage-2 run to its stage-1 run (MLflow's parent tag, so the UI nests
-    it).  ``stage`` defaults to "stage2" when ``cfg.stage2.init_from`` is set, else "stage1".
+    it; ``parent_name`` names it in the tags and description).  ``stage`` defaults to "stage2" when
+    ``cfg.stage2.init_from`` is set, else "stage1".  ``system_metrics_s``: the sampling interval of
+    MLflow's system-metrics monitor (0: off).
     Waits at most ``connect_timeout_s`` for the run to exist; if the store does not answer,
     training goes on and the run is created when it does.
     """
@@ -313,17 +389,20 @@ def open_tracker(
     if uri.startswith("sqlite:"):
         Path(cfg.run_root).mkdir(parents=True, exist_ok=True)
         location = (Path(cfg.run_root).resolve() / "mlartifacts").as_uri()
+    stage = stage or ("stage2" if cfg.stage2.init_from else "stage1")
     setup = {
         "uri": uri,
         "experiment": cfg.tracking.experiment,
+        "experiment_tags": EXPERIMENT_KIND,
         "artifact_location": location,
         "run_name": cfg.tracking.run_name or cfg.name,
         "run_id": run_id,
         "parent_run_id": parent_run_id,
         "params": config_params(cfg),
-        "tags": run_tags(cfg, stage or ("stage2" if cfg.stage2.init_from else "stage1"), git_state()),
+        "tags": run_tags(cfg, stage, git_state(), parent_name),
         "jsonl": str((cfg.run_dir / JSONL_NAME).resolve()),
         "flush_interval_s": flush_interval_s,
+        "system_metrics_s": system_metrics_s,
     }
     tracker = Tracker(setup, cfg.run_dir, continuing=run_id is not None)
     tracker.wait_ready(connect_timeout_s)

@@ -17,6 +17,14 @@ copy with ``sync_from_jsonl``, which sends only the (key, step) points the run l
 training process closes the tracker, or dies (stdin closes), the writer keeps trying until a
 deadline, marks the run FINISHED/KILLED/FAILED and exits.
 
+Signals: Slurm signals every process of a job (USR1 ahead of the time limit, TERM when a requeue
+or scancel ends it) and Ctrl-C the whole foreground group; the writer ignores them all, so the
+trainer's last points and the run's status still go out after the trainer has saved; it ends
+when the trainer closes it or its stdin closes (SIGKILL after Slurm's KillWait ends it anyway).
+
+The writer also runs MLflow's own system-metrics monitor on the run (``system/*``) while the
+run is open, stopped before the run's status is set.
+
 ``python -m flashdmd.infra.tracking_writer sync JSONL RUN_ID --uri URI`` re-syncs a run by hand.
 """
 
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import queue
 import signal
@@ -35,6 +44,7 @@ from typing import Any, TextIO
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from PIL import Image
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the child under the parent
@@ -128,6 +138,7 @@ class Writer:
         self.needs_sync = setup["run_id"] is not None  # a continued run may lack lines of its copy
         self.failures = 0
         self.deadline: float | None = None  # set once closing
+        self.monitor: Any = None  # MLflow's SystemMetricsMonitor, once the run exists
 
     def reply(self, message: dict[str, Any]) -> None:
         self.replies.write(json.dumps(message) + "\n")
@@ -138,15 +149,18 @@ class Writer:
     def experiment_id(self) -> str:
         name = self.setup["experiment"]
         found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(name, artifact_location=self.setup["artifact_location"])
-        except Exception:
+        if found is None:
+            try:
+                self.client.create_experiment(name, artifact_location=self.setup["artifact_location"])
+            except Exception:  # created by a concurrent run meanwhile: use that one
+                pass
             found = self.client.get_experiment_by_name(name)
             if found is None:
-                raise
-            return found.experiment_id
+                raise RuntimeError(f"MLflow experiment {name!r} could not be created")
+        for key, value in self.setup.get("experiment_tags", {}).items():
+            if key not in found.tags:  # a user's own choice of view stays
+                self.client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
 
     def new_run(self, extra_tags: dict[str, str]) -> str:
         tags = {**self.setup["tags"], **extra_tags}
@@ -183,9 +197,14 @@ class Writer:
         kind = op["op"]
         if kind == "artifact":
             self.client.log_artifact(self.run_id, op["path"], op["dir"])
+        elif kind == "image":
+            with Image.open(op["path"]) as image:
+                self.client.log_image(self.run_id, image.convert("RGB"), key=op["key"], step=op["step"],
+                                      synchronous=True)
         elif kind == "tags":
             _batched(self.client, self.run_id, {}, op["tags"])
         elif kind == "terminate":
+            self.stop_monitor()
             self.client.set_terminated(self.run_id, op["status"])
         else:
             raise ValueError(f"unknown tracker operation {kind!r}")
@@ -198,6 +217,7 @@ class Writer:
             if self.run_id is None:
                 self.run_id = self.start_run()
                 self.reply({"run_id": self.run_id})
+                self.start_monitor()
             while self.ops:
                 self.apply(self.ops[0])
                 self.ops.pop(0)
@@ -224,6 +244,27 @@ class Writer:
             return False
         self.failures = 0
         return True
+
+    # -- system metrics ---------------------------------------------------------------------
+
+    def start_monitor(self) -> None:
+        interval = float(self.setup.get("system_metrics_s", 0.0))
+        if interval <= 0 or self.deadline is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, resume_logging=True,
+                                                tracking_uri=self.setup["uri"])
+            self.monitor.start()
+        except Exception as err:  # noqa: BLE001 - e.g. psutil missing: the run goes on without them
+            print(f"MLflow: no system metrics ({type(err).__name__}: {err})", file=sys.stderr)
+            self.monitor = None
+
+    def stop_monitor(self) -> None:
+        if self.monitor is not None:
+            monitor, self.monitor = self.monitor, None
+            monitor.finish()
 
     def take(self, message: dict[str, Any] | None) -> None:
         if message is EOF:  # the trainer died without closing
@@ -287,10 +328,11 @@ def serve_main() -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        # Slurm signals every process of the job step (USR1 ahead of the time limit), and Ctrl-C
-        # the whole foreground group: the writer keeps going and ends when the trainer closes it
-        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+        # Slurm signals every process of the job (USR1 ahead of the time limit, TERM on a requeue),
+        # and Ctrl-C the whole foreground group: the writer keeps going until the trainer closes it
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines in job logs
         return serve_main()
     parser = argparse.ArgumentParser(prog="python -m flashdmd.infra.tracking_writer")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -11,6 +11,13 @@ of the heads' logits, one per sample ([INF] spec 1.8; the paper's head sizes are
 
 The backbone is pluggable: anything with ``image_size``, ``mean``/``std`` and
 ``features(images) -> list[(B, C, H, W)]`` works; ``SamBackbone`` wraps transformers' SAM.
+
+Checkpointing (``engine.sam_checkpointing``): transformers recomputes a layer in backward only
+when the layer is in training mode, so a frozen encoder kept in eval() is never checkpointed.
+``enable_checkpointing`` therefore keeps the encoder in training mode, after checking
+that training mode changes nothing SAM computes: every dropout probability is 0 and every norm
+is a LayerNorm (no batch statistics). ``tests/nets/test_nets_savers.py`` checks features and
+gradients are equal with and without, and that the saved-tensor bytes drop.
 """
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 SAM_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
 SAM_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
@@ -46,6 +55,7 @@ class SamBackbone(nn.Module):
         self.register_buffer("std", torch.tensor(SAM_STD).view(1, 3, 1, 1), persistent=False)
         self.encoder.requires_grad_(False)
         self.encoder.eval()
+        self.checkpointing = False
 
     @classmethod
     def from_pretrained(cls, folder: Path, taps: list[int] | None = None,
@@ -67,17 +77,17 @@ class SamBackbone(nn.Module):
                              f"'sam_vision_model')")
         return cls(encoder, taps)
 
-    def enable_gradient_checkpointing(self) -> None:
+    def enable_checkpointing(self) -> None:
         """Recompute SAM's activations in backward (spec 1.8: the pixel GAN's memory cost)."""
-        kwargs = {"use_reentrant": False}
-        if hasattr(self.encoder, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-            self.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        check_mode_invariant(self.encoder)
+        set_checkpointing(self.encoder, True)
+        self.checkpointing = True
+        self.encoder.train()  # transformers checkpoints training-mode layers only
 
     def train(self, mode: bool = True) -> "SamBackbone":
         super().train(mode)
-        self.encoder.eval()  # frozen: never switches to training behaviour
+        # frozen: eval() unless checkpointing needs training mode (which changes nothing, see above)
+        self.encoder.train(self.checkpointing)
         return self
 
     def features(self, images: Tensor) -> list[Tensor]:
@@ -88,6 +98,32 @@ class SamBackbone(nn.Module):
         dtype = next(self.encoder.parameters()).dtype
         hidden = self.encoder(pixel_values=x.to(dtype), output_hidden_states=True).hidden_states
         return [hidden[k].permute(0, 3, 1, 2).float() for k in self.taps]  # (B, H, W, C) -> (B, C, H, W)
+
+
+def check_mode_invariant(encoder: nn.Module) -> None:
+    """Raise unless train() and eval() compute the same thing: no active dropout, no batch statistics."""
+    config = getattr(encoder, "config", None)
+    rates = {name: float(getattr(config, name, 0.0) or 0.0) for name in ("dropout", "attention_dropout", "hidden_dropout")}
+    rates.update({name: m.p for name, m in encoder.named_modules() if isinstance(m, nn.Dropout)})
+    active = {name: p for name, p in rates.items() if p > 0}
+    stats = [name for name, m in encoder.named_modules() if isinstance(m, (_BatchNorm, _InstanceNorm))]
+    if active or stats:
+        raise ValueError(f"engine.sam_checkpointing needs an encoder whose training mode changes nothing; this one has "
+                         f"dropout {active} and batch-statistics norms {stats[:3]}: set engine.sam_checkpointing=false")
+
+
+def set_checkpointing(encoder: nn.Module, on: bool) -> None:
+    """transformers' gradient checkpointing switch (renamed activation checkpointing in 5.2x)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(encoder, "activation_checkpointing_enable"):
+        if on:
+            encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            encoder.activation_checkpointing_disable()
+    elif on:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        encoder.gradient_checkpointing_disable()
 
 
 def _norm(channels: int) -> nn.GroupNorm:

@@ -222,5 +222,6 @@ def build_gmm_parts(cfg: Config, cache_dir: Path) -> Parts:
         encode_prompts=lambda prompts: {},
         null_cond=lambda n: {},
         reward=reward.requires_grad_(False),
+        exact=gmm,
         extras={"gmm": gmm, "reward_mode": cfg.model.gmm.reward_mode},
     )

@@ -8,6 +8,7 @@ before any weights are read, with a message naming the path and the expected lay
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flashdmd.config.sources import is_local_path, local_path
 from flashdmd.nets.families import KIND_OF_PIPELINE, Family
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -23,10 +25,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class LayoutError(ValueError):
     """A weights folder that is missing or is not the expected layout; the message says what to fix."""
-
-
-def _looks_like_path(source: str) -> bool:
-    return source.startswith(("/", ".", "~")) or source.count("/") != 1 or Path(source).exists()
 
 
 def hub_patterns(family: Family, use_t5: bool) -> list[str]:
@@ -44,10 +42,11 @@ def resolve_source(source: str, what: str, layout: str, revision: str = "",
     """A local folder, or a hub id downloaded (or found in the hub cache); errors name ``what``."""
     if not source:
         raise LayoutError(f"{what} is empty; give a local folder or a hub id holding {layout}")
-    if _looks_like_path(source):
-        path = Path(source).expanduser()
+    if is_local_path(source):
+        path = local_path(source)
         if not path.is_dir():
-            raise LayoutError(f"{what}: folder '{path}' does not exist; expected {layout}")
+            found = "is a file, not a folder" if path.is_file() else "does not exist"
+            raise LayoutError(f"{what}: folder '{path}' {found}; expected {layout}")
         return path
     from huggingface_hub import snapshot_download
 
@@ -143,3 +142,9 @@ def freeze(module: nn.Module) -> nn.Module:
     module.eval()
     module.requires_grad_(False)
     return module
+
+
+def frozen_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A frozen copy in ``dtype`` (spec 2.4's reference policy: held like the other frozen nets,
+    in the compute dtype, not as a second fp32 master)."""
+    return freeze(copy.deepcopy(module).to(dtype))

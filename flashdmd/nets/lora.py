@@ -4,12 +4,12 @@
 diffusers adapter API (``model.add_adapter``). The generator and the fake score are separate
 copies of the teacher, each with its own adapter; both use the same adapter name so that their
 trainable parameters have identical names, which is what makes the Algorithm 1 EMA pull
-(fake score <- EMA(generator)) a name-by-name update over the adapter weights only
-(``ema_update_``). LoRA-B starts at zero, so at initialisation both equal the teacher exactly.
+(fake score <- EMA(generator)) a name-by-name update over the adapter weights only (the
+engines' one EMA, ``flashdmd.engine.common.ema_update_``, pulls the tensors that require grad).
+LoRA-B starts at zero, so at initialisation both equal the teacher exactly.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from flashdmd.config import LoraConfig
@@ -39,17 +39,3 @@ def add_lora(denoiser: nn.Module, cfg: LoraConfig) -> nn.Module:
 def trainable_named_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
-
-@torch.no_grad()
-def ema_update_(target: nn.Module, source: nn.Module, decay: float) -> None:
-    """target <- decay * target + (1 - decay) * source over the trainable parameters, matched by name.
-
-    With LoRA these are the adapter weights; without, every weight. Names or shapes that do not
-    match are an error (the two networks must share architecture and adapter layout).
-    """
-    tgt, src = trainable_named_parameters(target), trainable_named_parameters(source)
-    if tgt.keys() != src.keys():
-        missing = sorted(set(tgt) ^ set(src))[:5]
-        raise ValueError(f"ema_update_: trainable parameters differ between the networks, e.g. {missing}")
-    for name, p in tgt.items():
-        p.lerp_(src[name].to(p.dtype), 1.0 - decay)

@@ -8,17 +8,29 @@ Frozen networks are never checkpointed and never get optimizer state (DESIGN.md)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
-from torch import Tensor, nn
+from torch import Generator, Tensor, nn
 
+from flashdmd.diffusion.schedules import Schedule
 from flashdmd.nets.interfaces import Conditioning
+
+
+class ExactDistribution(Protocol):
+    """A data distribution known in closed form (the gmm2d toy world): fresh true samples and
+    the modes that exact quality metrics measure against (DESIGN.md toy world 1)."""
+
+    means: Tensor  # (modes, dim)
+    weights: Tensor  # (modes,)
+
+    def sample(self, n: int, generator: Generator) -> tuple[Tensor, Tensor]:
+        """(samples, mode labels)."""
 
 
 @dataclass
 class Parts:
     family: str
-    schedule: Any  # flashdmd.diffusion.schedules.VPSchedule | FlowSchedule
+    schedule: Schedule  # VPSchedule | FlowSchedule
     latent_shape: tuple[int, ...]  # one sample's latent shape, e.g. (4, 8, 8); gmm2d: (2,)
     teacher: nn.Module  # Denoiser, frozen (real score mu_real)
     generator: nn.Module  # Denoiser, trainable, initialised from the teacher (Algorithm 1 init)
@@ -29,6 +41,7 @@ class Parts:
     null_cond: Callable[[int], Conditioning]  # unconditional conditioning for CFG, batch n
     reward: nn.Module | None = None  # RewardModel (LRM), frozen; stage 2 only
     encode_images: Callable[[Tensor], Tensor] | None = None  # pixels -> latents (VAE encoder), for data tools
+    exact: ExactDistribution | None = None  # the true data distribution when known (gmm2d), else None
     extras: dict[str, Any] = field(default_factory=dict)  # family-specific facts (VAE scaling, ...)
 
     def trainable(self) -> dict[str, nn.Module]:

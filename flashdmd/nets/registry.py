@@ -10,22 +10,28 @@ with ``model.lora.enabled``), kept in fp32 as optimiser masters while frozen net
 trainable heads (spec 1.8); the reward is the frozen LRM (spec 2.2), built for every tiny preset
 and for real families when ``model.reward_model`` is set.
 
+The two students are read from the teacher's safetensors in fp32 (not rounded through
+``model.dtype``). With ``lazy`` (default: a sharded engine, fsdp or deepspeed) they are built on
+the meta device and the engine fills each rank's shard from the files (``flashdmd.nets.lazy``);
+otherwise they are read whole here. Both give the same bits.
+
 Frozen helpers the engine may need to move to a device are listed in ``Parts.extras``
 (``text_encoder``); ``extras`` also carries the family facts (``family_spec``, VAE
 ``scaling_factor``/``shift_factor``, ``student_timesteps``, ``teacher_dir``).
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from flashdmd.config import Config
+from flashdmd.diffusion.schedules import Schedule
 from flashdmd.nets.discriminator import PixelGANDiscriminator, SamBackbone
 from flashdmd.nets.families import Family, get_family
 from flashdmd.nets.interfaces import Conditioning
+from flashdmd.nets.lazy import LazyNet, SafetensorsWeights, materialize, meta_module
 from flashdmd.nets.load import DTYPES, PipelineParts, freeze, hub_patterns, load_pipeline_folder, resolve_source
 from flashdmd.nets.lora import add_lora
 from flashdmd.nets.mmdit import MMDiTDenoiser
@@ -56,23 +62,25 @@ def _prediction(cfg: Config, family: Family, parts: PipelineParts) -> str:
     return parts.scheduler_config.get("prediction_type", family.default_prediction)
 
 
-def _denoiser(family: Family, model: nn.Module, schedule: object) -> nn.Module:
+def _denoiser(family: Family, model: nn.Module, schedule: Schedule) -> nn.Module:
     if family.kind == "sd3":
         return MMDiTDenoiser(model, schedule)
     return UNetDenoiser(model, schedule, added_conds=family.kind == "sdxl")
 
 
-def _student(cfg: Config, teacher_model: nn.Module, family: Family, schedule: object) -> nn.Module:
-    """A trainable fp32 copy of the teacher (Algorithm 1 init), with LoRA when configured."""
-    model = copy.deepcopy(teacher_model)
-    if model.dtype != torch.float32:
-        model = model.to(torch.float32)
-    model.train()
-    model.requires_grad_(True)
-    if cfg.engine.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    net = _denoiser(family, model, schedule)
-    return add_lora(net, cfg.model.lora) if cfg.model.lora.enabled else net
+def student_net(cfg: Config, teacher_model: nn.Module, family: Family, schedule: Schedule, folder: Path) -> LazyNet:
+    """The recipe of a trainable fp32 copy of the teacher (Algorithm 1 init), with LoRA when configured."""
+
+    def build() -> nn.Module:
+        model = type(teacher_model).from_config(teacher_model.config).to(torch.float32)
+        model.train()
+        model.requires_grad_(True)
+        if cfg.engine.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        net = _denoiser(family, model, schedule)
+        return add_lora(net, cfg.model.lora) if cfg.model.lora.enabled else net
+
+    return LazyNet(build, SafetensorsWeights(folder / family.denoiser_folder, torch.float32, prefix="model."))
 
 
 def _discriminator(cfg: Config, family: Family, cache_dir: Path, dtype: torch.dtype) -> nn.Module:
@@ -83,8 +91,8 @@ def _discriminator(cfg: Config, family: Family, cache_dir: Path, dtype: torch.dt
                                 "a transformers SamModel or SamVisionModel folder")
         width = 256
     backbone = SamBackbone.from_pretrained(folder, cfg.model.sam_taps or None, dtype)
-    if cfg.engine.gradient_checkpointing:
-        backbone.enable_gradient_checkpointing()
+    if cfg.engine.sam_checkpointing:
+        backbone.enable_checkpointing()
     return PixelGANDiscriminator(backbone, width)
 
 
@@ -100,8 +108,9 @@ def _reward(cfg: Config, family: Family, teacher_dir: Path, cache_dir: Path, dty
     return freeze(LatentRewardModel.load(folder, teacher_dir, style, resolution=family.resolution, dtype=dtype))
 
 
-def build_parts(cfg: Config, cache_dir: Path) -> Parts:
-    """Every network of ``cfg.model.family`` by role (spec 1.1), ready for the algorithm and engine."""
+def build_parts(cfg: Config, cache_dir: Path, lazy: bool | None = None) -> Parts:
+    """Every network of ``cfg.model.family`` by role (spec 1.1), ready for the algorithm and engine;
+    ``lazy`` (default: a sharded engine) leaves the students on the meta device for the engine to fill."""
     if cfg.model.family == "gmm2d":
         from flashdmd.nets.gmm2d import build_gmm_parts
 
@@ -116,9 +125,11 @@ def build_parts(cfg: Config, cache_dir: Path) -> Parts:
         raw.vae.to(torch.float32)  # the SD/SDXL VAEs overflow in fp16 (diffusers' force_upcast)
 
     teacher = freeze(_denoiser(family, raw.denoiser, schedule))
-    generator = _student(cfg, raw.denoiser, family, schedule)
-    fake_score = _student(cfg, raw.denoiser, family, schedule)
-    decoder = freeze(VAEDecoder(raw.vae))
+    lazy = cfg.engine.kind in ("fsdp", "deepspeed") if lazy is None else lazy
+    make = meta_module if lazy else materialize
+    generator = make(student_net(cfg, raw.denoiser, family, schedule, folder))
+    fake_score = make(student_net(cfg, raw.denoiser, family, schedule, folder))
+    decoder = freeze(VAEDecoder(raw.vae, cfg.engine.decode_micro_batch, cfg.engine.decoder_checkpointing))
     text = PromptEncoder(
         family.kind, raw.text_encoders, raw.tokenizers, cfg.data.resolution,
         force_zeros_for_empty_prompt=bool(raw.index.get("force_zeros_for_empty_prompt", True)), t5=raw.t5,

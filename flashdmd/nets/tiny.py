@@ -207,6 +207,8 @@ def ensure_tiny_lrm(family: Family, teacher_dir: Path, cache_dir: Path) -> Path:
 
     def write(folder: Path) -> None:
         torch.manual_seed(2)
-        LatentRewardModel.from_base(teacher_dir, family).save(folder)
+        # SD3's denoiser is an MMDiT; its LRM is a UNet on SD3 latents (flashdmd/nets/reward.py)
+        unet = tiny_unet(family) if family.kind == "sd3" else None
+        LatentRewardModel.from_base(teacher_dir, family, unet=unet).save(folder)
 
     return _cached(cache_dir, f"{family.name}-lrm", {"family": family.name, "teacher": str(teacher_dir)}, write)

@@ -35,7 +35,7 @@ def _to(cond: Conditioning, device: torch.device) -> Conditioning:
 class GMMBatches:
     def __init__(self, cfg: Config, parts: Parts, rank: int, device: torch.device) -> None:
         self.cfg, self.parts, self.rank, self.device = cfg, parts, rank, device
-        self.gmm = parts.extras["gmm"]
+        self.gmm = parts.exact
 
     def next_batch(self, step: int) -> Batch:
         n = self.cfg.data.batch_size
@@ -119,6 +119,6 @@ class ImageBatches:
 
 def build_batches(cfg: Config, parts: Parts, rank: int, world_size: int, device: torch.device,
                   state: dict[str, Any] | None = None) -> GMMBatches | ImageBatches:
-    if "gmm" in parts.extras:
+    if parts.exact is not None:
         return GMMBatches(cfg, parts, rank, device)
     return ImageBatches(cfg, parts, rank, world_size, device, state)

@@ -5,6 +5,8 @@ Layout of ``<checkpoint_dir>/step-<8 digits>/``::
 
     <engine files>             every trainable network, optimizer and schedule (Engine.save;
                                frozen networks are never saved, the EMA target is the fake score)
+    <name>.map.json            per network: layout, names, shapes, dtypes, each rank's slice
+                               (flashdmd.engine.checkpoint_map; read by flashdmd.engine.checkpoint_reader)
     trainer.json               trainer state from rank 0: step, MLflow run id, anything the loop adds
     rank<r>.json               per-rank state: data position and Python/NumPy RNG
     rank<r>.rng.safetensors    per-rank torch RNG states
@@ -13,9 +15,15 @@ Layout of ``<checkpoint_dir>/step-<8 digits>/``::
 A directory without the marker is a save that died midway: ``latest_valid`` ignores it and
 ``prune`` deletes it once a newer valid step exists. Pruning keeps the newest ``keep_last``
 valid steps and never the newest valid one. Only safetensors and JSON are written or read.
+
+Resuming at another world size: the engines re-shard from the map; the per-rank state cannot be
+carried one to one, so ``load_checkpoint`` hands every saved rank's state to the caller
+(``Resumed.rank_states``, for the data position's re-split, flashdmd.data.position) and re-derives
+this rank's RNG from (step, rank) instead of restoring a saved one, and says so in the log.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -26,12 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from flashdmd.engine.base import Engine
 from flashdmd.engine.state_io import load_json, load_tensors, rng_state, save_json, save_tensors, set_rng_state
 from flashdmd.train import faults
 
+log = logging.getLogger("flashdmd.train")
 MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 
@@ -44,6 +54,14 @@ class Resumed:
     trainer: dict[str, Any]  # trainer.json: step, mlflow_run_id, ...
     rank_state: dict[str, Any] = field(default_factory=dict)  # this rank's data position etc.
     path: Path | None = None
+    saved_world_size: int = 1  # ranks that wrote the checkpoint
+    world_size: int = 1  # ranks of this run
+    rank_states: list[dict[str, Any]] = field(default_factory=list)  # every saved rank's, on a world size change
+
+    @property
+    def resharded(self) -> bool:
+        """True when the checkpoint was written by another number of ranks than this run has."""
+        return self.saved_world_size != self.world_size
 
 
 def step_dir(checkpoint_dir: Path | str, step: int) -> Path:
@@ -161,19 +179,36 @@ def load_checkpoint(engine: Engine, path: Path | str, restore_rng: bool = True) 
     if not is_valid(path):
         raise ValueError(f"{path} is not a complete checkpoint (no valid {MARKER} marker); use latest_valid() to pick one")
     trainer = load_json(path / "trainer.json")
-    if trainer["world_size"] != engine.world_size:
-        raise ValueError(
-            f"{path} was written by {trainer['world_size']} ranks, this run has {engine.world_size}; "
-            "per-rank data positions and shards only resume at the same world size"
-        )
+    saved, step = int(trainer["world_size"]), int(trainer["step"])
     engine.load(path)
-    tag = f"rank{engine.rank:05d}"
-    mine = load_json(path / f"{tag}.json")
+    if saved == engine.world_size:
+        tag = f"rank{engine.rank:05d}"
+        mine = load_json(path / f"{tag}.json")
+        if restore_rng:
+            set_rng_state(load_tensors(path / f"{tag}.rng.safetensors"))
+            _set_python_rng(mine["rng"])
+        _barrier()
+        return Resumed(step=step, trainer=trainer, rank_state=mine["rank_state"], path=path,
+                       saved_world_size=saved, world_size=engine.world_size)
+    states = [load_json(path / f"rank{r:05d}.json")["rank_state"] for r in range(saved)]
     if restore_rng:
-        set_rng_state(load_tensors(path / f"{tag}.rng.safetensors"))
-        _set_python_rng(mine["rng"])
+        _derive_rng(step, engine.rank)
+    if engine.rank == 0:
+        log.info("%s was written by %d ranks, this run has %d: networks and optimizers re-sharded from the "
+                 "checkpoint map; RNG re-derived from (step, rank); per-rank state re-split by the caller",
+                 path, saved, engine.world_size)
     _barrier()
-    return Resumed(step=int(trainer["step"]), trainer=trainer, rank_state=mine["rank_state"], path=path)
+    mine = states[engine.rank] if engine.rank < saved else {}
+    return Resumed(step=step, trainer=trainer, rank_state=mine, path=path, saved_world_size=saved,
+                   rank_states=states, world_size=engine.world_size)
+
+
+def _derive_rng(step: int, rank: int) -> None:
+    """Seed torch, Python and NumPy from (step, rank): saved RNG states belong to ranks that are gone."""
+    seed = (step * 1_000_003 + rank) % 2**32
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,10 +1,10 @@
 """Non-finite steps: count, skip together, roll back or stop (config ``health``).
 
-The local/DDP and FSDP engines refuse an optimizer update when its loss or gradient norm is NaN
-or Inf on any rank (one all-reduced flag, so every rank refuses the same one) and report it as
-``<net>_skipped``. Departure: the DeepSpeed engine does not skip by itself (its own overflow check
-covers fp16 only); there a non-finite loss is still counted here and leads to the rollback. After each iteration the trainer hands the metrics to ``StepGuard.check``,
-which decides for the whole job: a step is bad when any rank saw a non-finite loss, gradient
+Every engine (local/DDP, FSDP2, DeepSpeed ZeRO-3) refuses an optimizer update when its loss or
+gradient norm is NaN or Inf on any rank (one all-reduced flag, so every rank refuses the same
+one; the policy is declared once in flashdmd/engine/base.py) and reports it as ``<net>_skipped``:
+a run takes the same path whatever engine it runs under. After each iteration the trainer hands
+the metrics to ``StepGuard.check``, which decides for the whole job: a step is bad when any rank saw a non-finite loss, gradient
 norm or a skipped update (one all-reduce of a flag, so ranks can never disagree). Bad steps are
 counted; after ``health.max_consecutive_nonfinite`` in a row the guard answers ``rollback``
 (restore the newest valid checkpoint, every learning rate times ``health.rollback_lr_factor``)
@@ -38,8 +38,8 @@ class TrainingHealthError(RuntimeError):
 def non_finite(metrics: dict[str, float]) -> dict[str, float]:
     """The metrics that show a bad step: skipped updates and non-finite losses (or other values).
 
-    A gradient norm alone is not judged: the local and FSDP engines report a non-finite one
-    together with ``<net>_skipped``, and DeepSpeed's may be NaN when it has none to report."""
+    A gradient norm alone is not judged: every engine reports a non-finite one together with
+    ``<net>_skipped``, and DeepSpeed's is NaN when a non-finite loss skipped its step unmeasured."""
     return {k: v for k, v in metrics.items()
             if (k.endswith("skipped") and v > 0) or (not math.isfinite(v) and not k.endswith("grad_norm"))}
 
@@ -49,15 +49,6 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
-
-
-def scale_learning_rates(engine: Engine, factor: float) -> None:
-    """Multiply the base rate of every trainable network's schedule (warm-up and decay follow)."""
-    schedules = getattr(engine, "schedules", None)
-    if not schedules:
-        raise TypeError(f"{type(engine).__name__} has no per-network StepSchedule to lower the learning rate of")
-    for schedule in schedules.values():
-        schedule.spec.lr *= factor
 
 
 class StepGuard:
@@ -96,7 +87,7 @@ class StepGuard:
         self.rollbacks += 1
         self.consecutive = 0
         self.lr_scale *= self.cfg.rollback_lr_factor
-        scale_learning_rates(self.engine, self.cfg.rollback_lr_factor)
+        self.engine.scale_learning_rates(self.cfg.rollback_lr_factor)
         log.warning("rolled back to step %d; learning rates x%g (now x%g of the configured ones), rollback %d of %d",
                     to_step, self.cfg.rollback_lr_factor, self.lr_scale, self.rollbacks, self.cfg.max_rollbacks)
 
@@ -123,7 +114,7 @@ class StepGuard:
         self.skipped, self.rollbacks = int(state.get("skipped", 0)), int(state.get("rollbacks", 0))
         scale = float(state.get("lr_scale", 1.0))
         if scale != 1.0:
-            scale_learning_rates(self.engine, scale / self.lr_scale)
+            self.engine.scale_learning_rates(scale / self.lr_scale)
         self.lr_scale = scale
 
 

@@ -28,8 +28,13 @@ META = "handoff.json"
 
 
 def trainable_keys(module: nn.Module) -> set[str]:
-    """State-dict keys a trainable network hands over: parameters that require grad, and buffers."""
-    return {n for n, p in module.named_parameters() if p.requires_grad} | {n for n, _ in module.named_buffers()}
+    """State-dict keys a trainable network hands over: parameters that require grad, and the
+    persistent buffers. A buffer registered with ``persistent=False`` (the discriminator's SAM
+    pixel mean/std) is rebuilt by the network's constructor and is in no state dict, so it is
+    neither written nor expected."""
+    persistent = set(module.state_dict(keep_vars=True))
+    buffers = {n for n, _ in module.named_buffers()} & persistent
+    return {n for n, p in module.named_parameters() if p.requires_grad} | buffers
 
 
 @dataclass
@@ -89,11 +94,15 @@ def apply_handoff(handoff: Handoff, networks: dict[str, nn.Module], cfg: Config)
     if handoff.meta["student_timesteps"] != cfg.stage1.student_timesteps:
         problems.append(f"student timesteps {handoff.meta['student_timesteps']} != stage1.student_timesteps "
                         f"{cfg.stage1.student_timesteps}")
+    if handoff.meta.get("lora", cfg.model.lora.enabled) != cfg.model.lora.enabled:
+        problems.append(f"the hand-over was trained with model.lora.enabled={handoff.meta['lora']}, this config has "
+                        f"{cfg.model.lora.enabled}")
     for name, module in networks.items():
         expected, got = trainable_keys(module), set(handoff.weights.get(name, {}))
         if expected != got:
-            diff = sorted(expected ^ got)[:5]
-            problems.append(f"{name}: trainable tensors differ (e.g. {diff}); model.lora.enabled or the family differ")
+            problems.append(f"{name}: the hand-over lacks {sorted(expected - got)[:5]} and has unexpected "
+                            f"{sorted(got - expected)[:5]} (the network of this config is built differently from "
+                            f"the one stage 1 trained: compare the model section of both configs)")
     if problems:
         raise ValueError(f"stage2.init_from={str(handoff.folder)!r} does not fit this config: " + "; ".join(problems))
     for name, module in networks.items():

@@ -9,6 +9,7 @@ forward is collective), from the networks as they are after that step:
 - ``dm_grad_norm/t<T>``: the generator's gradient norm on the steps whose DM branch was student
   step T (spec 1.3), averaged since the last log step (observed every step, from the engine's
   ``generator_grad_norm``), so a collapse or blow-up at one timestep is not averaged away;
+  ``count/health/dm_grad_norm/t<T>`` says over how many updates (``flashdmd.train.window``);
 - ``d_logit_gap``: mean D(real) - mean D(fake) of this step (spec 1.8): a gap growing without bound
   means the discriminator wins and the GAN gradient vanishes or explodes;
 - ``latent_mean`` / ``latent_std`` and their drift from the first measurement of this run
@@ -24,7 +25,6 @@ Departure: the latent reference is the run's first measurement, not the teacher'
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from flashdmd.engine.base import Engine
 from flashdmd.losses import denoising_loss
 from flashdmd.nets.interfaces import repeat_cond, take_cond
 from flashdmd.nets.parts import Parts
+from flashdmd.train.window import MetricWindow
 
 log = logging.getLogger("flashdmd.health")
 HEALTH_SEED_TAG = "health"
@@ -48,20 +49,18 @@ class HealthMonitor:
         self.cfg, self.h, self.parts, self.stage, self.rank = cfg, cfg.health, parts, stage, rank
         self.plan_dm_step = plan_dm_step
         self.reference: dict[str, float] = {}
-        self._grad_norms: dict[int, list[float]] = defaultdict(list)
+        self._per_t = MetricWindow()  # per-timestep statistics over the logging window, with counts
 
     def observe(self, step: int, metrics: dict[str, float]) -> None:
         """Every iteration (0-based ``step``): keep the DM gradient norm by student timestep."""
         if "generator_grad_norm" in metrics and not metrics.get("generator_skipped"):
-            self._grad_norms[self.plan_dm_step(step)].append(metrics["generator_grad_norm"])
+            t = self.plan_dm_step(step)
+            self._per_t.add({f"health/dm_grad_norm/t{t}": metrics["generator_grad_norm"]})
 
     @torch.no_grad()
     def measure(self, engine: Engine, batch: Batch, step: int, metrics: dict[str, float]) -> dict[str, float]:
         """Collective: the health metrics at (1-based) ``step``, with out-of-bounds flags."""
-        out: dict[str, float] = {}
-        for t, norms in sorted(self._grad_norms.items()):
-            out[f"health/dm_grad_norm/t{t}"] = sum(norms) / len(norms)
-        self._grad_norms.clear()
+        out = dict(sorted(self._per_t.summary().items()))
         if "d_real" in metrics and "d_fake" in metrics:
             out["health/d_logit_gap"] = metrics["d_real"] - metrics["d_fake"]
         n = self.h.monitor_batch

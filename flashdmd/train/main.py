@@ -7,12 +7,18 @@ checkpoint / preemption), and finish (final checkpoint and the hand-over of full
 
 The same function runs under torchrun, srun, submitit or a plain ``python -m flashdmd.train.main``:
 the launcher only sets environment variables (``flashdmd.infra.distributed``). Re-running the same
-command resumes from the newest valid checkpoint in the same MLflow run.
+command resumes from the newest valid checkpoint in the same MLflow run; a rerun with another
+config is refused unless resuming is asked for (``flashdmd.train.rundir``).
+
+Metrics are aggregated over the logging window (``flashdmd.train.window``), so every network's
+losses appear at every log step whatever the TTUR or RL:DM ratio; rank 0 prints one progress line
+per log step (``flashdmd.train.progress``). A signal (Ctrl-C, TERM, Slurm's USR1) stops the loop at
+the next step boundary with a checkpoint; the MLflow run is then marked KILLED (FAILED on a crash)
+and its last points are sent before the process exits or requeues.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import resource
@@ -23,14 +29,16 @@ from typing import Any
 
 import torch
 
+from flashdmd.algo.optim import optim_specs
 from flashdmd.algo.stage1 import Stage1
-from flashdmd.algo.stage2 import Stage2
-from flashdmd.train.checkpoint import latest_valid, load_checkpoint, save_checkpoint
+from flashdmd.algo.stage2 import Stage2, reference_copy
+from flashdmd.train.checkpoint import Resumed, latest_valid, load_checkpoint, save_checkpoint
 from flashdmd.config.cli import config_from_cli
+from flashdmd.data.position import resplit_streams
 from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, to_yaml
 from flashdmd.infra.distributed import DistContext, barrier, init_distributed, shutdown
 from flashdmd.engine.base import Engine
-from flashdmd.engine.factory import build_engine, optim_specs
+from flashdmd.engine.factory import build_engine
 from flashdmd.engine.state_io import load_json
 from flashdmd.nets.parts import Parts
 from flashdmd.nets.registry import build_parts
@@ -42,7 +50,11 @@ from flashdmd.train.guard import ROLLBACK, StepGuard
 from flashdmd.train.handoff import Handoff, apply_handoff, read_handoff, write_handoff
 from flashdmd.train.health import HealthMonitor
 from flashdmd.train.monitor import build_monitor
-from flashdmd.infra.tracking import NullTracker, open_tracker
+from flashdmd.train.progress import Progress
+from flashdmd.train.rundir import RESUME_ENV, check_run_dir
+from flashdmd.train.window import MetricWindow, display_name
+from flashdmd.infra.logs import setup_logging
+from flashdmd.infra.tracking import COMMAND_ENV, NullTracker, open_tracker
 
 log = logging.getLogger("flashdmd.train")
 JOBS = ("stage1", "stage2")
@@ -55,6 +67,7 @@ def main(cfg: Config, job: str) -> Path:
     if job == "stage2" and not cfg.stage2.init_from:
         raise ConfigError("stage 2 needs stage2.init_from: the stage-1 run directory (or its 'final' folder)")
     ctx = init_distributed(cfg)
+    setup_logging(ctx.rank)
     split_cpu_threads(ctx)
     try:
         return Trainer(cfg, job, ctx).run()
@@ -103,12 +116,12 @@ class Trainer:
             text_encoder.to(self.ctx.device)
         self.handoff: Handoff | None = None
         frozen = self.parts.frozen()
+        self.engine: Engine = build_engine(cfg, self.ctx.device)
         if self.stage == 2:
             self.handoff = read_handoff(cfg.stage2.init_from)
             apply_handoff(self.handoff, self.parts.trainable(), cfg)
-            # spec 2.4: the reference policy is the generator before RL, frozen
-            frozen["reference"] = copy.deepcopy(self.parts.generator)
-        self.engine: Engine = build_engine(cfg, self.ctx.device)
+            # spec 2.4: the reference policy is the generator before RL, frozen, in the policy's dtype
+            frozen["reference"] = reference_copy(self.parts.generator, self.engine.compute_dtype)
         self.engine.setup(self.parts.trainable(), optim_specs(cfg, self.stage), frozen)
         stage1 = Stage1(cfg.stage1, self.parts, self.engine, cfg.seed)
         self.algo = stage1 if self.stage == 1 else Stage2(cfg, self.parts, self.engine, cfg.seed, stage1)
@@ -125,18 +138,29 @@ class Trainer:
         if path is None:
             return 0, None, None
         check_resume(load_json(path / "trainer.json"), self.cfg, self.job, path)
+        changed = check_run_dir(self.cfg)
         resumed = load_checkpoint(self.engine, path)
         self.guard.load_state_dict(resumed.trainer.get("guard", {}))
         self.updates.update(resumed.trainer.get("updates", {}))
         if self.health is not None:
             self.health.load_state_dict(resumed.trainer.get("health", {}))
         if self.ctx.is_main:
-            log.info("resuming from %s (step %d)", path, resumed.step)
-        return resumed.step, resumed.trainer.get("mlflow_run_id"), resumed.rank_state.get("data")
+            log.info("resuming run %s from step %d (%s)", self.cfg.name, resumed.step, path)
+            if changed:  # asked for: the saved config becomes this one, the MLflow run lists the keys
+                log.warning("resuming with %d config changes: %s", len(changed), "; ".join(changed))
+                (self.cfg.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        return resumed.step, resumed.trainer.get("mlflow_run_id"), self._data_state(resumed)
+
+    def _data_state(self, resumed: Resumed) -> dict[str, Any] | None:
+        """This rank's data position; at another world size, every saved rank's re-split (data/position.py)."""
+        if resumed.resharded:
+            return resplit_streams([s.get("data") for s in resumed.rank_states], self.ctx.rank, self.ctx.world_size)
+        return resumed.rank_state.get("data")
 
     def _open_tracker(self, run_id: str | None) -> NullTracker:
         parent = self.handoff.run_id if self.handoff else None
-        tracker = open_tracker(self.cfg, self.ctx.rank, run_id, parent, stage=self.job)
+        parent_name = self.handoff.folder.resolve().parent.name if self.handoff else None  # <run_dir>/final
+        tracker = open_tracker(self.cfg, self.ctx.rank, run_id, parent, stage=self.job, parent_name=parent_name)
         if self.ctx.is_main and run_id is None:
             self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (self.cfg.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
@@ -152,6 +176,8 @@ class Trainer:
         batches = build_batches(cfg, self.parts, self.ctx.rank, self.ctx.world_size, self.ctx.device, data_state)
         monitor = build_monitor(cfg, self.parts, self.ctx.device)
         preemption = Preemption(cfg, self.ctx)
+        progress = Progress(self.iterations, step, enabled=self.ctx.is_main)
+        window = MetricWindow()  # every iteration's metrics since the last log step
         status = "FAILED"
         try:
             while step < self.iterations:
@@ -162,43 +188,55 @@ class Trainer:
                 self.faults.end()
                 if self.guard.check(step + 1, metrics) == ROLLBACK:
                     step, batches = self._rollback(step + 1)
+                    window.reset()
                     continue
                 if self.health is not None:
                     self.health.observe(step, metrics)
                 self._count_updates(metrics)
+                window.add({display_name(k): v for k, v in metrics.items()}, time.perf_counter() - started, batch.size)
                 step += 1
                 if step % cfg.tracking.log_every == 0 or step == self.iterations:
-                    elapsed = time.perf_counter() - started
-                    logged = self._run_metrics(metrics, elapsed, batch.size, batches.bad_counts())
-                    logged.update(self.guard.metrics())
-                    logged.update({f"updates/{net}": float(n) for net, n in self.updates.items()})
+                    logged = self._window_metrics(window, batches.bad_counts())
                     if self.health is not None:
-                        logged.update(self.health.measure(self.engine, batch, step, metrics))
+                        logged.update(self.health.measure(self.engine, batch, step, logged))
                     tracker.log_metrics(logged, step)
+                    progress(step, logged)
                 if cfg.tracking.sample_every and step % cfg.tracking.sample_every == 0:
                     monitor(self.engine, tracker, step)
                 stop = preemption.should_stop(step)
                 if stop or step % cfg.checkpoint.every == 0 or step == self.iterations:
                     self._save(step, tracker, batches.state_dict())
                 if stop:
-                    status = "KILLED"  # the requeued job continues this MLflow run
+                    # the run's status and last points reach MLflow before a requeue ends this job
+                    status = "KILLED"  # a requeued job continues this MLflow run
+                    tracker.close(status)
                     preemption.stop(step)
             folder = write_handoff(self.engine, self.parts.trainable(), cfg, step, tracker.run_id)
             status = "FINISHED"
+            if self.ctx.is_main:
+                log.info("%s of run %s finished at step %d; full weights in %s", self.job, cfg.name, step, folder)
             return folder
+        except KeyboardInterrupt:  # the second Ctrl-C: stopped without a save
+            status = "KILLED"
+            raise
         finally:
             tracker.close(status)
+            preemption.uninstall()
 
-    def _run_metrics(self, metrics: dict[str, float], elapsed: float, batch_size: int,
-                     bad: dict[str, int]) -> dict[str, float]:
-        out = dict(metrics)
-        out["perf/step_s"] = elapsed
-        out["perf/samples_per_s"] = batch_size * self.ctx.world_size / max(elapsed, 1e-9)
+    def _window_metrics(self, window: MetricWindow, bad: dict[str, int]) -> dict[str, float]:
+        """The window's means and counts, time per step, throughput, memory, data, guard and update counts;
+        starts the next window."""
+        steps, seconds, samples = window.steps, window.seconds, window.samples
+        out = window.summary()
+        out["perf/step_s"] = seconds / max(steps, 1)
+        out["perf/samples_per_s"] = samples * self.ctx.world_size / max(seconds, 1e-9)
         if self.ctx.device.type == "cuda":
             out["perf/max_memory_gb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
         else:
             out["perf/max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         out.update({f"data/bad_{reason}": float(n) for reason, n in bad.items()})
+        out.update(self.guard.metrics())
+        out.update({f"updates/{net}": float(n) for net, n in self.updates.items()})
         return out
 
     def _rollback(self, at_step: int) -> tuple[int, Any]:
@@ -209,7 +247,7 @@ class Trainer:
         resumed = load_checkpoint(self.engine, path)
         self.guard.rolled_back(resumed.step)
         batches = build_batches(self.cfg, self.parts, self.ctx.rank, self.ctx.world_size, self.ctx.device,
-                                resumed.rank_state.get("data"))
+                                self._data_state(resumed))
         return resumed.step, batches
 
     def _count_updates(self, metrics: dict[str, float]) -> None:
@@ -235,6 +273,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      "(one rank; launchers start one per GPU).")
     parser.add_argument("--job", choices=JOBS, required=True)
     parser.add_argument("--config", default=DEFAULT_PRESET, help="preset name in jobs/configs or a YAML path")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run directory's run even where this config differs from its config.yaml")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser.parse_intermixed_args(argv)
 
@@ -242,8 +282,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def cli(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = config_from_cli(args.config, args.overrides, args.job)
-    folder = main(cfg, args.job)
-    print(f"{args.job} finished; full weights in {folder}")
+    cfg.tracking.tags.setdefault("preset", Path(args.config).stem)
+    os.environ.setdefault(COMMAND_ENV, " ".join(["python -m flashdmd.train", *(argv if argv is not None else sys.argv[1:])]))
+    if args.resume:
+        os.environ[RESUME_ENV] = "1"
+    try:
+        main(cfg, args.job)  # rank 0 logs the one "finished" line
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{args.job} interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -44,7 +44,7 @@ class SampleGrid:
 class GMMQuality:
     def __init__(self, cfg: Config, parts: Parts, device: torch.device, num_samples: int = 2000) -> None:
         self.cfg, self.parts, self.device, self.n = cfg, parts, device, num_samples
-        self.gmm = parts.extras["gmm"]
+        self.gmm = parts.exact
 
     @torch.no_grad()
     def measure(self, generator: torch.nn.Module) -> dict[str, float]:
@@ -66,6 +66,6 @@ class GMMQuality:
 
 
 def build_monitor(cfg: Config, parts: Parts, device: torch.device) -> SampleGrid | GMMQuality:
-    if "gmm" in parts.extras:
+    if parts.exact is not None:
         return GMMQuality(cfg, parts, device)
     return SampleGrid(cfg, parts, device)

@@ -3,7 +3,9 @@
 Slurm sends USR1 ``launch.signal_lead_s`` before the time limit (``--signal=USR1@N``) or when a
 job is preempted; USR2 is submitit's default preemption signal and means the same. TERM means
 the job is being stopped by someone else (``scancel``, a preemption with PreemptMode=REQUEUE
-after its grace time): save, but leave the requeue decision to whoever sent it.
+after its grace time): save, but leave the requeue decision to whoever sent it. INT (Ctrl-C on a
+local run) means the same as TERM; a second Ctrl-C before the step ends stops at once
+(``KeyboardInterrupt``), without saving.
 
 The handler only records the signal. Nothing is saved inside it, because a sharded (ZeRO-3 /
 FSDP) checkpoint is a collective that every rank must enter at the same point; this is where
@@ -35,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,9 +49,9 @@ log = logging.getLogger(__name__)
 
 # agreed reasons, ordered so that MAX picks the one that keeps the run going
 NONE, TERMINATE, REQUEUE = 0, 1, 2
-_REASON_OF_SIGNAL = {signal.SIGUSR1: REQUEUE, signal.SIGUSR2: REQUEUE, signal.SIGTERM: TERMINATE}
+_REASON_OF_SIGNAL = {signal.SIGUSR1: REQUEUE, signal.SIGUSR2: REQUEUE, signal.SIGTERM: TERMINATE,
+                     signal.SIGINT: TERMINATE}
 REQUEUE_EXIT_CODE = 0  # the requeue is already issued; the step's exit status does not decide anything
-TERM_EXIT_CODE = 128 + signal.SIGTERM  # the shell's status for "ended by SIGTERM"
 LOCAL_REQUEUE_EXIT_CODE = 144  # submitit.local.local.LOCAL_REQUEUE_RETURN_CODE: the local controller restarts the tasks
 
 
@@ -66,6 +69,7 @@ class Preemption:
         self.agreed = NONE  # after should_stop: the same on every rank
         self.signal_time: float | None = None
         self.signal_name = ""
+        self._previous: dict[signal.Signals, Any] = {}
         if install:
             self.install()
 
@@ -73,10 +77,22 @@ class Preemption:
 
     def install(self) -> None:
         for sig in _REASON_OF_SIGNAL:
-            signal.signal(sig, self._handle)
+            previous = signal.signal(sig, self._handle)
+            self._previous.setdefault(sig, previous)
+
+    def uninstall(self) -> None:
+        """Give the signals back to the handlers found at ``install`` (the process may go on)."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # only record: the loop acts at the next step boundary
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the save
+        if signum == signal.SIGINT and self.ctx.is_main:
+            print("\nCtrl-C: saving at the end of this step, then stopping (Ctrl-C again stops at once)",
+                  file=sys.stderr, flush=True)
         reason = _REASON_OF_SIGNAL.get(signal.Signals(signum), TERMINATE)
         if reason > self.reason:
             self.reason = reason
@@ -105,6 +121,11 @@ class Preemption:
 
     # -- after the collective save --------------------------------------------------------------
 
+    @property
+    def exit_code(self) -> int:
+        """The shell's status for "ended by" the signal received (TERM when it reached another rank)."""
+        return 128 + (signal.Signals[self.signal_name] if self.signal_name else signal.SIGTERM)
+
     def requeues_left(self) -> int:
         return self.max_requeues - self._restart_count()
 
@@ -121,8 +142,9 @@ class Preemption:
             # scancel, `scontrol requeue` or PreemptMode=REQUEUE: whoever sent TERM decides what
             # happens next; leave without a result, so a requeued run can still supply it
             if self.ctx.is_main:
-                log.warning("step %d saved after SIGTERM; exiting (the sender decides about a requeue)", step)
-            raise SystemExit(TERM_EXIT_CODE)
+                log.warning("step %d saved after %s; exiting (rerun the same command to resume)", step,
+                            self.signal_name or "a signal on another rank")
+            raise SystemExit(self.exit_code)
         if self.requeues_left() > 0:
             raise SystemExit(self._requeue(step))
         raise PreemptedError(

@@ -5,7 +5,7 @@ import pytest
 
 from flashdmd.algo.rng import control_rng, derive_seed, noise_generator
 from flashdmd.algo.split import split_steps
-from flashdmd.config import load_config
+from flashdmd.config import Stage1Config, load_config
 from flashdmd.diffusion.schedules import FlowSchedule, VPSchedule
 
 SDXL = VPSchedule("scaled_linear", 0.00085, 0.012, 1000, "epsilon")
@@ -25,9 +25,8 @@ def test_snr_rule_without_lists():
     cfg = load_config("sdxl-8step", ["stage1.dm_steps=[]", "stage1.gan_steps=[]"]).stage1
     # SNR(374) = 0.875 <= 1 -> DM; SNR(249) = 2.08 -> GAN
     assert split_steps(cfg, SDXL) == ([999, 874, 749, 624, 499, 374], [249, 124])
-    sd3 = load_config("sdxl-4step", ["stage1.student_timesteps=[1000, 750, 500, 250]",
-                                     "stage1.dm_steps=[]", "stage1.gan_steps=[]",
-                                     "stage2.rl_transitions=[[1000, 750], [750, 500]]"]).stage1
+    sd3 = load_config("sd3-medium-4step", ["stage1.dm_steps=[]", "stage1.gan_steps=[]"]).stage1
+    assert sd3.student_timesteps == [1000, 750, 500, 250]
     assert split_steps(sd3, FlowSchedule()) == ([1000, 750, 500], [250])  # sigma 0.5 has SNR exactly 1
 
 
@@ -41,7 +40,9 @@ def test_one_list_implies_the_other_and_dmd2_uses_every_step():
 
 
 def test_no_dm_step_is_an_error_naming_the_key():
-    cfg = load_config("sdxl-4step", ["stage1.gan_steps=[999, 749, 499, 249]", "stage1.dm_steps=[]"]).stage1
+    with pytest.raises(ValueError, match="stage1.dm_steps"):  # the config refuses it at load
+        load_config("sdxl-4step", ["stage1.gan_steps=[999, 749, 499, 249]", "stage1.dm_steps=[]"])
+    cfg = Stage1Config(gan_steps=[999, 749, 499, 249])  # built in code: the split refuses it too
     with pytest.raises(ValueError, match="stage1.dm_steps"):
         split_steps(cfg, SDXL)
 

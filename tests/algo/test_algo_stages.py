@@ -1,15 +1,15 @@
 """Stage-1 and stage-2 iterations on the gmm2d parts: what moves, what stays, what is seeded."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
 
 from flashdmd.algo.batch import Batch
-from flashdmd.algo.stage1 import Stage1, stage1_optim_specs
-from flashdmd.algo.stage2 import Stage2, stage2_optim_specs
+from flashdmd.algo.optim import optim_specs
+from flashdmd.algo.stage1 import Stage1
+from flashdmd.algo.stage2 import Stage2, reference_copy
 from flashdmd.config import load_config
 from flashdmd.engine.local import LocalEngine
 from flashdmd.nets.gmm2d import build_gmm_parts
@@ -46,8 +46,8 @@ def setup(cache: Path, overrides=(), stage: int = 1, rank: int = 0):
     eng = RecordingEngine(rank)
     frozen = parts.frozen()
     if stage == 2:
-        frozen["reference"] = copy.deepcopy(parts.generator)
-    eng.setup(parts.trainable(), stage1_optim_specs(cfg.stage1) if stage == 1 else stage2_optim_specs(cfg), frozen)
+        frozen["reference"] = reference_copy(parts.generator, None)
+    eng.setup(parts.trainable(), optim_specs(cfg, stage), frozen)
     return cfg, parts, eng
 
 
@@ -142,12 +142,12 @@ def test_rl_only_trains_the_generator_alone_and_prefers_the_winner(cache):
     cfg, parts, eng = setup(cache, ["stage2.distill=false", "stage2.beta=10.0"], stage=2)
     s2 = Stage2(cfg, parts, eng, 0, Stage1(cfg.stage1, parts, eng, 0))
     fake, disc, gen = snapshot(parts.fake_score), snapshot(parts.discriminator), snapshot(parts.generator)
-    pairs, _ = s2._sample_pairs(16, {}, torch.Generator().manual_seed(0))
-    assert len(pairs) == len(cfg.stage2.rl_transitions)
+    rollout = s2.sample_pairs(16, {}, torch.Generator().manual_seed(0))
+    assert len(rollout.transitions) == len(cfg.stage2.rl_transitions)
     reward = eng["reward"]
-    for x, t, t_next, win, lose, x0_ref, keep in pairs:
-        tt = torch.full((16,), t_next)
-        assert (reward(win, tt, {}) >= reward(lose, tt, {})).all()
+    for tr in rollout.transitions:
+        tt = torch.full((16,), tr.t_next)
+        assert (reward(tr.win, tt, {}) >= reward(tr.lose, tt, {})).all()
     s2.step(0, batch(parts))
     assert changed(gen, parts.generator) and not changed(fake, parts.fake_score) and not changed(disc, parts.discriminator)
 

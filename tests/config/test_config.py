@@ -1,4 +1,4 @@
-"""Config tree: precedence, inheritance, round trip, and every validation rule."""
+"""Config tree: precedence, inheritance, round trip, and every section and cross-section rule."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +10,7 @@ from flashdmd.config import (
     PRESET_DIR,
     Config,
     ConfigError,
-    _rules,
+    check_rules,
     from_yaml,
     load_config,
     to_yaml,
@@ -55,7 +55,7 @@ def test_base_cycle_is_an_error(tmp_path: Path):
 
 def test_override_type_coercion():
     cfg = load_config(
-        "tiny-sdxl",
+        "sdxl-4step",
         [
             "stage1.fake_ema_decay=0.9",
             "stage1.fake_ema=false",
@@ -123,72 +123,100 @@ def test_section_override_is_an_error():
         load_config("tiny-sdxl", ["stage1=3"])
 
 
-# One case per rule: (overrides, a fragment of the expected message).
+NO_STEPS = ["stage1.dm_steps=[]", "stage1.gan_steps=[]", "stage2.rl_transitions=[]"]
+
+# One case per rule: (preset, overrides, a fragment of the expected message). Limits of single
+# fields (ranges, finiteness, sizes) are declared beside each field and tested in test_limits.py.
 RULE_CASES = [
-    (["stage1.student_timesteps=[]", "stage1.dm_steps=[]", "stage1.gan_steps=[]", "stage2.rl_transitions=[]"], "must not be empty"),
-    (["stage1.student_timesteps=[1999,249]", "stage1.dm_steps=[]", "stage1.gan_steps=[]", "stage2.rl_transitions=[]"], "lie in [0, 1000]"),
-    (["stage1.student_timesteps=[249,999]", "stage1.dm_steps=[]", "stage1.gan_steps=[]", "stage2.rl_transitions=[]"], "strictly decreasing"),
-    (["stage1.dm_steps=[998]"], "dm_steps must be among"),
-    (["stage1.gan_steps=[250]"], "gan_steps must be among"),
-    (["stage1.dm_steps=[999,249]"], "must be disjoint"),
-    (["stage1.ttur=0"], "stage1.ttur must be >= 1"),
-    (["stage1.fake_ema_decay=1.0"], "0 <= decay < 1"),
-    (["stage1.dmd_noise_min=0.9", "stage1.dmd_noise_max=0.1"], "dmd_noise_min < stage1.dmd_noise_max"),
-    (["stage1.real_guidance_scale=-1"], "real_guidance_scale"),
-    (["stage1.gan_weight=-1"], "gan_weight must be >= 0"),
-    (["stage1.fake_lr=0"], "fake_lr"),
-    (["stage1.adam_betas=[0.9]"], "adam_betas"),
-    (["stage1.grad_clip=0"], "grad_clip > 0"),
-    (["stage2.iterations=0"], "iterations must be >= 1"),
-    (["stage2.num_candidates=1"], "num_candidates (K) must be >= 2"),
-    (["stage2.rl_transitions=[[999,499]]"], "consecutive stage1.student_timesteps"),
-    (["stage2.beta=0"], "beta must be > 0"),
-    (["stage2.ratio_clip=1.5"], "ratio_clip"),
-    (["stage2.threshold=1.0"], "threshold"),
-    (["stage2.rl_per_dm=-1"], "rl_per_dm"),
-    (["stage2.distill=false", "stage2.rl_per_dm=0"], "RL only"),
-    (["data.resolution=30"], "multiple of 8"),
-    (["data.batch_size=0"], "data.batch_size must be >= 1"),
-    (["data.epoch_length=0"], "epoch_length"),
-    (["data.max_bad_fraction=2"], "max_bad_fraction"),
-    (["model.lora.enabled=true", "model.lora.rank=0"], "lora.rank"),
-    (["model.gmm.std=0"], "gmm.std > 0"),
-    (["model.gmm.weights=[1.0,2.0]"], "one entry per mode"),
-    (["model.gmm.means=[[1,2,3]]"], "2-D points"),
-    (["model.gmm.reward_mode=8"], "reward_mode"),
-    (["launch.nodes=0"], "launch.nodes"),
-    (["launch.cpus_per_task=0"], "cpus_per_task"),
-    (["launch.time_minutes=0", "launch.signal_lead_s=0"], "time_minutes must be >= 1"),
-    (["launch.time_minutes=1", "launch.signal_lead_s=120"], "signal_lead_s"),
-    (["launch.max_requeues=-1"], "max_requeues"),
-    (["engine.collective_timeout_s=0"], "collective_timeout_s"),
-    (["engine.offload_optimizer=true"], "offload"),
-    (["health.max_consecutive_nonfinite=0"], "health.max_consecutive_nonfinite"),
-    (["health.rollback_lr_factor=1.0"], "rollback_lr_factor"),
-    (["health.fake_lag_max=-1"], "health bounds"),
-    (["tracking.log_every=0"], "log_every"),
-    (["checkpoint.keep_last=0"], "keep_last"),
-    (["eval.every=-1"], "eval.every"),
-    (["name=a/b"], "plain directory name"),
+    ("tiny-sdxl", ["name=a/b"], "plain directory name"),
+    ("tiny-sdxl", ["model.prediction_type=flow"], "model.prediction_type must be one of"),
+    ("tiny-sdxl", ["model.use_t5=true"], "model.use_t5 applies to SD3 only"),
+    ("sdxl-4step", ["model.text_encoders=[/a]"], "must list 2 folder(s)"),
+    ("tiny-sdxl", ["model.teacher=/x"], "must be empty for tiny families"),
+    ("gmm2d", ["model.teacher=/x"], "model.teacher is not read by model.family=gmm2d"),
+    ("tiny-sdxl", ["model.gmm.std=1.0"], "model.gmm is only read by model.family=gmm2d"),
+    ("gmm2d", ["model.lora.enabled=true"], "needs an image family"),
+    ("tiny-sdxl", ["model.lora.rank=8"], "model.lora.enabled must be true for model.lora.rank"),
+    ("gmm2d", ["model.gmm.weights=[1.0,2.0]"], "one entry per mode"),
+    ("gmm2d", ["model.gmm.num_modes=2", "model.gmm.weights=[0,0]"], "positive sum"),
+    ("gmm2d", ["model.gmm.means=[[1,2,3]]"], "2-D points"),
+    ("gmm2d", ["model.gmm.reward_mode=8"], "model.gmm.reward_mode must index a mode"),
+    ("tiny-sdxl", ["data.resolution=30"], "multiple of 8"),
+    ("tiny-sdxl", ["data.latent_shards=true", "data.latent_shape=[4,8]"], "must be [] or [C, h, w]"),
+    ("tiny-sdxl", ["data.latent_shape=[4,8,8]"], "is only read from latent shards"),
+    ("tiny-sdxl", ["stage1.student_timesteps=[249,999]", *NO_STEPS], "strictly decreasing"),
+    ("tiny-sdxl", ["stage1.dm_steps=[998]"], "dm_steps must be among"),
+    ("tiny-sdxl", ["stage1.gan_steps=[250]"], "gan_steps must be among"),
+    ("tiny-sdxl", ["stage1.dm_steps=[999,249]"], "must be disjoint"),
+    ("tiny-sdxl", ["stage1.dm_steps=[999,749]"], "must cover every student step"),
+    ("tiny-sdxl", ["stage1.dm_steps=[]", "stage1.gan_steps=[999,749,499,249]"], "gives no student step the DM loss"),
+    ("tiny-sdxl", ["stage1.dmd_noise_min=0.9", "stage1.dmd_noise_max=0.1"], "must be < stage1.dmd_noise_max"),
+    ("tiny-sdxl", ["stage2.distill=false", "stage2.rl_per_dm=0"], "RL only"),
+    ("tiny-sdxl", ["engine.offload_optimizer=true"], "engine.offload_optimizer needs engine.kind deepspeed or fsdp"),
+    ("tiny-sdxl", ["engine.offload_params=true"], "engine.offload_params needs engine.kind deepspeed or fsdp"),
+    ("tiny-sdxl", ["engine.teacher_sharding=zero3"], "must be replicate with engine.kind=local"),
+    ("tiny-sdxl", ["health.monitors=false", "health.fake_lag_max=1"], "health.fake_lag_max is only read with"),
+    ("tiny-sdxl", ["launch.time_minutes=1", "launch.signal_lead_s=120"], "signal_lead_s must be shorter"),
+    ("tiny-sdxl", ["launch.nodes=4"], "launch.nodes > 1 needs launch.executor=slurm"),
+    ("tiny-sdxl", ["launch.partition=gpu"], "launch.partition is only read by launch.executor=slurm"),
+    ("tiny-sdxl", [f"tracking.tags.{'k' * 251}=v"], "keys must have 1 to 250 characters"),
+    ("tiny-sdxl", ["eval.metrics=[fid,fid]"], "must not list a metric twice"),
+    ("tiny-sdxl", ["eval.weights.fid=/w"], "eval.weights.fid is only read when eval.metrics lists"),
+    ("tiny-sdxl", ["eval.teacher_guidance=3"], "is only read with eval.teacher_steps > 0"),
+    ("tiny-sdxl", ["sample.prompts=[a]", "sample.prompts_file=p.txt"], "is only read when sample.prompts is empty"),
+    ("tiny-sdxl", ["stage1.student_timesteps=[1999,249]", *NO_STEPS], "must lie in [0, 999]"),
+    ("tiny-sd3", ["stage1.student_timesteps=[1000,0]", *NO_STEPS], "must lie in [1, 1000]"),
+    ("tiny-sdxl", ["stage2.rl_transitions=[[999,499]]"], "consecutive stage1.student_timesteps"),
+    ("tiny-sdxl", ["stage2.rl_transitions=[]"], "stage2.rl_transitions must not be empty"),
+    ("gmm2d", ["data.shards=x.tar"], "data.shards is not read by model.family=gmm2d"),
 ]
 
 
-@pytest.mark.parametrize("overrides,fragment", RULE_CASES)
-def test_each_rule(overrides, fragment):
+def _violated(preset: str, overrides: list[str]) -> ConfigError:
     with pytest.raises(ConfigError) as err:
-        load_config("tiny-sdxl", overrides)
-    assert fragment in str(err.value)
+        load_config(preset, overrides)
+    return err.value
+
+
+@pytest.mark.parametrize("preset,overrides,fragment", RULE_CASES)
+def test_each_rule(preset, overrides, fragment):
+    err = _violated(preset, overrides)
+    assert fragment in str(err)
+    assert err.rules, "a rule case must violate a rule, not only a field's limits"
 
 
 def test_every_rule_has_a_case():
-    assert len(RULE_CASES) >= len(_rules(Config()))
+    """Every rule id (section#n, cross#n) is violated by at least one case; ids are the same for every preset."""
+    ids = check_rules(Config()).ids
+    assert len(ids) == len(set(ids))
+    assert all(check_rules(load_config(p)).ids == ids for p in PRESETS)
+    covered = {rule for preset, overrides, _ in RULE_CASES for rule in _violated(preset, overrides).rules}
+    assert set(ids) <= covered, sorted(set(ids) - covered)
+    assert len(RULE_CASES) >= len(ids)
+
+
+def test_rule_messages_name_the_file_key_and_value(tmp_path: Path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: tiny-sdxl\nstage1:\n  dm_steps: [998]\n")
+    err = _violated(str(mine), [])
+    line = next(p for p in err.problems if "dm_steps must be among" in p)
+    assert f"stage1.dm_steps=[998] from {mine}" in line and "stage1.student_timesteps=[999, 749, 499, 249] from" in line
+    err = _violated("tiny-sdxl", ["stage1.ttur=0"])
+    assert err.problems == ["stage1.ttur must be >= 1 (fake-score/D updates per generator update, spec 1.6); got 0 "
+                            "from the command line"]
 
 
 def test_all_violations_reported_at_once():
     with pytest.raises(ConfigError) as err:
-        load_config("tiny-sdxl", ["stage1.ttur=0", "stage2.num_candidates=1", "stage1.fake_ema_decay=2"])
+        load_config("tiny-sdxl", ["stage1.ttur=0", "stage2.num_candidates=1", "stage1.fake_ema_decay=2",
+                                  "stage1.dm_steps=[998]", "stage1.ttur=x", "stage2.beta=y"])
+    assert [p.split(":")[1].split()[0] for p in err.value.problems] == ["stage1.ttur", "stage2.beta"]  # types first
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny-sdxl", ["stage1.ttur=0", "stage2.num_candidates=1", "stage1.fake_ema_decay=2",
+                                  "stage1.dm_steps=[998]"])
     msg = str(err.value)
-    assert "ttur" in msg and "num_candidates" in msg and "fake_ema_decay" in msg
+    assert "ttur" in msg and "num_candidates" in msg and "fake_ema_decay" in msg and "dm_steps" in msg
+    assert len(err.value.problems) == 5 and "\n" not in "".join(err.value.problems)  # one line each
 
 
 def test_dmd2_mode_allows_overlapping_steps():

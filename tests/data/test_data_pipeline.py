@@ -15,7 +15,7 @@ from safetensors.torch import save as save_safetensors
 from data_tools.make_shards import write_shards
 from data_tools.make_toy_shards import make_toy_shards
 from flashdmd.config import load_config
-from flashdmd.data import build_image_loader
+from flashdmd.data import DataError, build_image_loader, check_shards
 
 
 def _cfg(shards: str, *overrides: str):
@@ -56,6 +56,19 @@ def test_two_ranks_two_workers_disjoint_with_a_shuffle_buffer(toy):
     # the buffer reorders within a worker's shards: not the plain shard order
     plain = _cfg(toy, "data.resampled=false", "data.workers=2", "data.epoch_length=4", "data.shuffle_buffer=0")
     assert a != _keys(build_image_loader(plain, 0, 2))
+
+
+def test_shard_globs_expand_sorted_like_the_brace_form(toy, tmp_path):
+    folder = toy.rsplit("/", 1)[0]
+    braces = check_shards(_cfg(toy))
+    # a shell-style glob, and one mixed with a brace range: the same shards in the same (sorted) order
+    assert check_shards(_cfg(f"{folder}/*.tar")) == braces
+    assert check_shards(_cfg(f"{folder}/toy-00000[4-7].tar::{folder}/toy-{{000000..000003}}.tar")) == braces[4:] + braces[:4]
+    cfg = _cfg(f"{folder}/toy-*.tar", "data.resampled=false", "data.epoch_length=20", "data.shuffle_buffer=0")
+    assert sorted(_keys(build_image_loader(cfg, 0, 1))) == [f"{i:08d}" for i in range(40)]
+    with pytest.raises(DataError, match="a glob that matches nothing") as err:
+        check_shards(_cfg(str(tmp_path / "*.tar")))
+    assert str(tmp_path / "*.tar") in str(err.value)
 
 
 def test_resampled_ranks_get_equal_batches_from_uneven_shards(tmp_path):

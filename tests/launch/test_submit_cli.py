@@ -12,8 +12,15 @@ def submit(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "jobs" / "submit.py"), *args], capture_output=True, text=True, cwd=cwd)
 
 
+def shards(tmp_path) -> str:
+    """An (empty) local shard, so the preflight of a dry run finds the training data."""
+    (tmp_path / "train-000000.tar").write_bytes(b"")
+    return f"data.shards={tmp_path}/train-000000.tar"
+
+
 def test_dry_run_plan_shows_nodes_and_world_size(tmp_path):
-    out = submit("stage1", "--config", "sdxl-4step", "--nodes", "4", "--dry-run", "--executor", "slurm", f"run_root={tmp_path}")
+    out = submit("stage1", "--config", "sdxl-4step", "--nodes", "4", "--dry-run", "--executor", "slurm", f"run_root={tmp_path}",
+                 shards(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "nodes:          4" in out.stdout
     assert "world size:     32 (4 x 8)" in out.stdout
@@ -45,12 +52,12 @@ def test_yaml_with_wrong_type_names_file_and_key(tmp_path):
 def test_full_config_dump_loads_back(tmp_path):
     from flashdmd.config import from_yaml, load_config
 
-    out = submit("stage2", "--config", "sd3-medium-4step", "--dry-run", "--full-config")
+    out = submit("stage1", "--config", "sd3-medium-4step", "--dry-run", "--full-config", shards(tmp_path))
     assert out.returncode == 0, out.stderr
     dumped = out.stdout.split("resolved config:\n", 1)[1]
     cfg = from_yaml("\n".join(line[2:] for line in dumped.splitlines()))
-    expected = load_config("sd3-medium-4step")
-    expected.name = "sd3-medium-4step-stage2"
+    expected = load_config("sd3-medium-4step", [shards(tmp_path)])
+    expected.name = "sd3-medium-4step-stage1"
     assert cfg == expected
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from flashdmd.config import load_config
-from flashdmd.nets.lora import ema_update_, trainable_named_parameters
+from flashdmd.engine.common import ema_update_
+from flashdmd.nets.lora import trainable_named_parameters
 from flashdmd.nets.registry import build_parts
 
 

@@ -1,6 +1,7 @@
 """Latent reward model (spec 3.1): VFE at gs = 1, head round trip, LPO layout, score shapes."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ def lrm(request: pytest.FixtureRequest, cache: Path) -> tuple[LatentRewardModel,
     family = get_family(request.param)
     teacher = ensure_tiny_teacher(family, cache)
     folder = ensure_tiny_lrm(family, teacher, cache)
-    return LatentRewardModel.load(folder, teacher).eval(), teacher
+    return LatentRewardModel.load(folder, teacher, trim=False).eval(), teacher  # full UNet: compared below
 
 
 def _plain_conditional_features(model: LatentRewardModel, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
@@ -72,6 +73,20 @@ def test_scores_shape_and_definition(lrm) -> None:
     expected = model.logit_scale.exp() * torch.nn.functional.cosine_similarity(v, txt, dim=-1)
     torch.testing.assert_close(scores, expected)
     assert scores.abs().max() <= model.logit_scale.exp() + 1e-4
+
+
+def test_trimmed_lrm_scores_the_same_without_up_blocks(lrm) -> None:
+    """The LRM is built only from the blocks it runs: same scores, fewer parameters, no save."""
+    model, _ = lrm
+    trimmed = copy.deepcopy(model).trim()
+    assert sum(p.numel() for p in trimmed.parameters()) < sum(p.numel() for p in model.parameters())
+    assert len(trimmed.unet.up_blocks) == 0
+    cond = model.tokenize(["a cat", "a dog"])
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 499])
+    with torch.no_grad():
+        assert torch.equal(trimmed(x, t, cond), model(x, t, cond))
+    with pytest.raises(ValueError, match="trimmed"):
+        trimmed.save(Path("unused"))
 
 
 def test_temperature_and_projection_round_trip(lrm, tmp_path: Path) -> None:

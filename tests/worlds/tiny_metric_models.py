@@ -46,3 +46,26 @@ def tiny_image_reward(folder: Path, prompts: list[str]) -> Path:
     head = reward_head(32)
     save_file({f"layers.{k}": v.contiguous() for k, v in head.state_dict().items()}, str(folder / "mlp.safetensors"))
     return folder
+
+
+def fid_inception_weights(path: Path, seed: int = 0) -> Path:
+    """A random-weight FID Inception state dict in the release's layout (torch-fidelity's module keys)."""
+    from flashdmd.eval.inception import inception_class
+
+    class Unloaded(inception_class()):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random initialisation
+            return None
+
+    empty = path.with_suffix(".empty.pth")
+    torch.save({}, empty)
+    torch.manual_seed(seed)
+    model = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    for module in model.modules():  # He-initialised convolutions keep activations O(1) through 94 layers
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        elif isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.9, 1.1)
+    torch.save(model.state_dict(), path)
+    empty.unlink()
+    return path

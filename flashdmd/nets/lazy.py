@@ -1,0 +1,207 @@
+"""Networks built without their weights, filled later from safetensors straight into each rank's shard.
+
+DESIGN.md "scale is a design input": no rank ever materialises a full trainable network. A
+``LazyNet`` is a recipe (``build``: construct the module in whatever device context is active)
+plus where its tensors come from (``SafetensorsWeights``: parameter name -> file and key, read
+whole or by a range of rows, cast to the master dtype). The registry hands the engine a module
+built on the meta device (``meta_module``) and the engine fills it where it lives:
+
+- FSDP2 (``flashdmd.engine.fsdp``): ``fully_shard`` on the meta module, ``to_empty`` on the
+  device, then ``fill_dtensor_shards`` copies each rank's rows of every tensor from the files;
+- DeepSpeed ZeRO-3 (``flashdmd.engine.deepspeed``): ``build`` runs again inside
+  ``deepspeed.zero.Init`` (each module's parameters are partitioned as soon as it is
+  constructed), then ``fill_zero3_partitions`` reads each rank's flat range of every tensor;
+- one process (local / DDP): ``materialize`` allocates on the CPU and reads every tensor whole.
+
+All three read the same bytes and cast them the same way, so a sharded load equals a
+single-process load bit for bit. Parameters that no file holds are LoRA adapters (PEFT's own
+initialisation, ``reset_missing``); any other missing tensor is an error naming it.
+"""
+from __future__ import annotations
+
+import json
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+_SOURCES: "weakref.WeakKeyDictionary[nn.Module, LazyNet]" = weakref.WeakKeyDictionary()
+
+
+class SafetensorsWeights:
+    """The tensors of one diffusers/transformers component folder (single file or sharded index)."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype = torch.float32, prefix: str = "") -> None:
+        folder = Path(folder)
+        self.dtype, self.prefix = dtype, prefix
+        self.where: dict[str, Path] = {}
+        indexes = sorted(folder.glob("*.safetensors.index.json"))
+        if indexes:
+            for key, name in json.loads(indexes[0].read_text())["weight_map"].items():
+                self.where[key] = folder / name
+        else:
+            files = [f for f in sorted(folder.glob("*.safetensors")) if f.name.count(".") == 1]  # no fp16 variants
+            if not files:
+                raise FileNotFoundError(f"no .safetensors weights in '{folder}' (a diffusers component folder)")
+            for file in files:
+                with safe_open(str(file), framework="pt") as f:
+                    self.where.update({key: file for key in f.keys()})
+
+    def key(self, name: str) -> str | None:
+        """The file key of module tensor ``name`` (adapter prefix and PEFT's ``base_layer`` removed)."""
+        key = name[len(self.prefix):] if self.prefix and name.startswith(self.prefix) else name
+        key = key.replace(".base_layer.", ".")
+        return key if key in self.where else None
+
+    def read(self, key: str, rows: slice | None = None) -> Tensor:
+        """Tensor ``key`` (or only its ``rows`` along dim 0), cast to the master dtype."""
+        with safe_open(str(self.where[key]), framework="pt") as f:
+            if rows is None:
+                tensor = f.get_tensor(key)
+            else:
+                tensor = f.get_slice(key)[rows]
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    def read_flat(self, key: str, shape: torch.Size, start: int, stop: int) -> Tensor:
+        """Elements ``start:stop`` of the flattened tensor, reading only the rows that hold them."""
+        if len(shape) < 2:
+            return self.read(key).reshape(-1)[start:stop]
+        row = shape.numel() // shape[0]
+        first, last = start // row, -(-stop // row)
+        return self.read(key, slice(first, last)).reshape(-1)[start - first * row:stop - first * row]
+
+
+@dataclass
+class LazyNet:
+    """How to build one network and where its weights are."""
+
+    build: Callable[[], nn.Module]
+    weights: SafetensorsWeights
+    memory: dict[str, Tensor] = field(default_factory=dict)  # tensors held in memory (set by the FSDP fill)
+
+
+def source_of(module: nn.Module) -> LazyNet | None:
+    """The recipe of a module made by ``meta_module`` (None for an ordinary module)."""
+    return _SOURCES.get(module)
+
+
+def meta_module(net: LazyNet) -> nn.Module:
+    """``net`` built on the meta device (no storage at all), remembered with its recipe."""
+    with torch.device("meta"):
+        module = net.build()
+    _materialize_adapters(module)
+    _SOURCES[module] = net
+    return module
+
+
+def _lora_layers(module: nn.Module) -> Iterator[nn.Module]:
+    return (m for m in module.modules() if callable(getattr(m, "reset_lora_parameters", None)))
+
+
+def reset_missing(module: nn.Module, weights: SafetensorsWeights) -> None:
+    """Initialise the tensors no file holds: PEFT LoRA adapters (A random, B zero); others are an error."""
+    for layer in _lora_layers(module):
+        for adapter in list(getattr(layer, "lora_A", {})):
+            layer.reset_lora_parameters(adapter, True)
+    missing = [n for n, _ in named_tensors(module) if weights.key(n) is None and ".lora_" not in n]
+    if missing:
+        raise KeyError(f"weights folder lacks {missing[:3]} (and {max(0, len(missing) - 3)} more) of the network")
+
+
+def _materialize_adapters(module: nn.Module) -> None:
+    """LoRA adapters are small and not in any file: give them real CPU storage and PEFT's init."""
+    for layer in _lora_layers(module):
+        for name in ("lora_A", "lora_B"):
+            getattr(layer, name).to_empty(device="cpu")
+        for adapter in list(layer.lora_A):
+            layer.reset_lora_parameters(adapter, True)
+
+
+def named_tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
+    """Parameters and persistent buffers, the tensors a state dict (and a weights file) holds."""
+    persistent = set(module.state_dict(keep_vars=True))
+    return [(n, t) for n, t in [*module.named_parameters(), *module.named_buffers()] if n in persistent]
+
+
+def check_buffers(module: nn.Module) -> None:
+    """A non-persistent buffer on the meta device has no source: construction must compute it."""
+    persistent = set(module.state_dict(keep_vars=True))
+    lost = [n for n, b in module.named_buffers() if b.is_meta and n not in persistent]
+    if lost:
+        raise ValueError(f"meta-device construction loses the non-persistent buffers {lost[:3]}; build this "
+                         f"network whole (engine.kind=local)")
+
+
+@torch.no_grad()
+def materialize(net: LazyNet) -> nn.Module:
+    """The network on the CPU with every tensor read whole (the single-process load)."""
+    module = meta_module(net)
+    check_buffers(module)
+    keep = {n: t.detach().clone() for n, t in named_tensors(module) if not t.is_meta}
+    module.to_empty(device="cpu")
+    for name, tensor in named_tensors(module):
+        key = net.weights.key(name)
+        tensor.copy_(keep[name] if name in keep else net.weights.read(key))
+    _SOURCES.pop(module, None)
+    return module
+
+
+@torch.no_grad()
+def remember_memory_tensors(module: nn.Module, net: LazyNet) -> None:
+    """Before ``to_empty``: CPU copies of the tensors that are real already (LoRA adapters)."""
+    net.memory = {n: t.detach().to("cpu", copy=True) for n, t in named_tensors(module) if not t.is_meta}
+
+
+@torch.no_grad()
+def fill_dtensor_shards(module: nn.Module, net: LazyNet) -> None:
+    """FSDP2: copy this rank's rows of every tensor (plain tensors whole) from the files."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for name, tensor in named_tensors(module):
+        if isinstance(tensor, DTensor):
+            shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+            local = tensor.to_local()
+            rows = slice(offset[0], offset[0] + shape[0]) if len(shape) else None
+            if local.numel() == 0:
+                continue
+            value = net.memory[name][rows] if name in net.memory else _read(net, name, rows)
+            local.copy_(value.reshape(local.shape))
+        else:
+            tensor.copy_(net.memory[name] if name in net.memory else _read(net, name, None))
+    net.memory = {}
+
+
+def _read(net: LazyNet, name: str, rows: slice | None) -> Tensor:
+    key = net.weights.key(name)
+    if key is None:
+        raise KeyError(f"weights folder has no tensor for '{name}'")
+    return net.weights.read(key, rows)
+
+
+@torch.no_grad()
+def fill_zero3_partitions(module: nn.Module, weights: SafetensorsWeights, rank: int) -> list[nn.Parameter]:
+    """ZeRO-3: copy this rank's flat range of every file-backed parameter into its partition;
+    returns the parameters no file holds (for ``reset_missing`` under a gather)."""
+    missing = []
+    for name, param in module.named_parameters():
+        key = weights.key(name)
+        if key is None:
+            missing.append(param)
+            continue
+        part = param.ds_tensor
+        size = part.ds_numel
+        start = rank * size
+        stop = min(start + size, param.ds_numel)
+        if stop > start:
+            part.narrow(0, 0, stop - start).copy_(weights.read_flat(key, param.ds_shape, start, stop))
+    for name, buf in module.named_buffers():
+        key = weights.key(name)
+        if key is not None:
+            buf.copy_(weights.read(key))
+    return missing
+
