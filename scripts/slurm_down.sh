@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Stop the test cluster started by scripts/slurm_up.sh: cancel its jobs, stop slurmd(s) and
-# slurmctld by their pid files. munged stays up (other tools may use it) unless --all is given.
+# Stop the test cluster started by scripts/slurm_up.sh in SLURM_TEST_DIR (default
+# /tmp/flashdmd-slurm): cancel its jobs and wait for them to end, then stop its slurmd(s) and
+# slurmctld. A daemon is stopped only when its pid file names a process whose command line
+# names this folder's slurm.conf, so a site's own Slurm (or a reused pid) is never signalled.
+# munged stays up (other tools may use it) unless --all is given.
 # --daemons-only skips cancelling jobs (used by slurm_up.sh before a restart).
 set -uo pipefail
 
@@ -8,15 +11,22 @@ DIR=${SLURM_TEST_DIR:-/tmp/flashdmd-slurm}
 CONF=$DIR/slurm.conf
 export SLURM_CONF=$CONF
 
-if [ "${1:-}" != --daemons-only ] && [ -f "$CONF" ]; then
+ours() { tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -qF -- "-f $CONF"; }
+
+if [ "${1:-}" != --daemons-only ] && [ -f "$CONF" ] && [ -f "$DIR/slurmctld.pid" ] && ours "$(cat "$DIR/slurmctld.pid")"; then
   timeout 10 scancel --full --quiet --user "$(id -un)" 2>/dev/null || true
+  # slurmd must still be up to end the job steps it runs, or their processes outlive it
+  for _ in $(seq 60); do
+    [ -z "$(timeout 5 squeue -h -o %i 2>/dev/null)" ] && break
+    sleep 0.5
+  done
 fi
 
 stop_pidfile() {
-  local file=$1 pid
+  local file=$1 check=$2 pid
   [ -f "$file" ] || return 0
   pid=$(cat "$file" 2>/dev/null)
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && { [ "$check" = any ] || ours "$pid"; }; then
     kill "$pid"
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
@@ -24,10 +34,13 @@ stop_pidfile() {
   rm -f "$file"
 }
 
-for pidfile in "$DIR"/slurmd-*.pid; do stop_pidfile "$pidfile"; done
-stop_pidfile "$DIR/slurmctld.pid"
+for pidfile in "$DIR"/slurmd-*.pid; do stop_pidfile "$pidfile" ours; done
+stop_pidfile "$DIR/slurmctld.pid" ours
+
+# earlier versions of slurm_up.sh linked /etc/slurm/slurm.conf to this folder's conf: remove only that link
+[ -L /etc/slurm/slurm.conf ] && [ "$(readlink /etc/slurm/slurm.conf)" = "$CONF" ] && rm -f /etc/slurm/slurm.conf
 
 if [ "${1:-}" = --all ] && [ -f /run/munge/munged.pid ]; then
-  stop_pidfile /run/munge/munged.pid
+  stop_pidfile /run/munge/munged.pid any
 fi
 exit 0

@@ -12,9 +12,11 @@
 #   scripts/slurm_up.sh --install-only   # only install the packages (CI, before the tests)
 #
 # Settings: SLURM_TEST_DIR (state, logs, conf; default /tmp/flashdmd-slurm), SLURM_TEST_NODES,
-# SLURM_TEST_CPUS (per node; default 4), SLURM_TEST_PORT (slurmctld; slurmd ports follow).
-# The conf is also linked to /etc/slurm/slurm.conf when that path is free or already ours, so
-# plain `sbatch` works without SLURM_CONF.
+# SLURM_TEST_CPUS (per node; default 4), SLURM_TEST_PORT (slurmctld; slurmd ports follow; default:
+# the first free ones from 16817 on).
+# The cluster is this folder's: its daemons are the ones whose command line names its slurm.conf,
+# and clients reach it only through SLURM_CONF. /etc/slurm is never read or written, so a site's
+# own Slurm on the same machine is neither used nor touched.
 set -euo pipefail
 
 DIR=${SLURM_TEST_DIR:-/tmp/flashdmd-slurm}
@@ -47,7 +49,8 @@ fi
 [ "${1:-}" = --install-only ] && exit 0
 
 export SLURM_CONF=$CONF
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# a pid file counts only while its process is one of this folder's daemons (pids get reused)
+alive() { [ -f "$1" ] && tr '\0' ' ' < "/proc/$(cat "$1")/cmdline" 2>/dev/null | grep -qF -- "-f $CONF"; }
 daemons_alive() {
   alive "$DIR/slurmctld.pid" || return 1
   local n=0 f
@@ -72,6 +75,18 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
   for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
   munge -n | unmunge >/dev/null || die "munged did not start (see /var/log/munge/munged.log)"
 fi
+
+# --- ports ----------------------------------------------------------------------------------
+# slurmctld on PORT, slurmd(s) on the ones after it; another service (or another test cluster)
+# holding any of them moves the whole block further up, unless SLURM_TEST_PORT asked for it
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+block_free() { local p; for p in $(seq "$1" $(($1 + 1 + NODES))); do listening "$p" && return 1; done; return 0; }
+for _ in $(seq 50); do
+  block_free "$PORT" && break
+  [ -n "${SLURM_TEST_PORT:-}" ] && die "ports $PORT-$((PORT + 1 + NODES)) (SLURM_TEST_PORT) are in use; pick another SLURM_TEST_PORT"
+  PORT=$((PORT + 10))
+done
+block_free "$PORT" || die "no free block of ports for slurmctld/slurmd found from ${SLURM_TEST_PORT:-16817} on"
 
 # --- slurm.conf -----------------------------------------------------------------------------
 HOST=$(hostname -s)
@@ -125,11 +140,6 @@ mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
   fi
 } > "$CONF"
 
-if [ ! -e /etc/slurm/slurm.conf ] || grep -q "$MARK" /etc/slurm/slurm.conf 2>/dev/null; then
-  mkdir -p /etc/slurm
-  ln -sfn "$CONF" /etc/slurm/slurm.conf
-fi
-
 # --- daemons --------------------------------------------------------------------------------
 "$(dirname "$0")/slurm_down.sh" --daemons-only >/dev/null 2>&1 || true
 slurmctld -f "$CONF" -i || die "slurmctld failed to start (see $DIR/log/slurmctld.log)"
@@ -145,5 +155,5 @@ for _ in $(seq 150); do
   sleep 0.2
 done
 [ "${idle:-0}" -ge "$NODES" ] || { sinfo >&2 || true; die "nodes did not become idle (logs in $DIR/log)"; }
-log "cluster up: $NODES node(s), partition debug, conf $CONF"
+log "cluster up: $NODES node(s), partition debug, slurmctld port $PORT, conf $CONF"
 echo "export SLURM_CONF=$CONF"

@@ -167,8 +167,9 @@ def out_dir_for(cfg: Config, source: StudentSource) -> Path:
     return eval_root(cfg, source.run_dir) / f"step-{source.step:08d}"
 
 
-def eval_run_id(cfg: Config, source: StudentSource) -> str:
-    """The MLflow run holding this training run's evaluations: found by tag, else created (nested)."""
+def tagged_run_id(cfg: Config, tag: str, key: str, stage: str, tags: dict[str, str] | None = None) -> str:
+    """The MLflow run of ``cfg.tracking.experiment`` whose tag ``tag`` is ``key``: found, else created
+    (with ``tags``); how a job rerun (eval of the same training run, a resumed synth) finds its run again."""
     import mlflow
 
     client = mlflow.MlflowClient(cfg.tracking_uri)
@@ -180,16 +181,19 @@ def eval_run_id(cfg: Config, source: StudentSource) -> str:
         experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
-    key = source.run_id or str(source.run_dir.resolve())
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{EVAL_OF_TAG}` = '{key}'", max_results=1)
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{tag}` = '{key}'", max_results=1)
     if found:
         return found[0].info.run_id
-    tags = {EVAL_OF_TAG: key, "flashdmd.stage": "eval", "flashdmd.family": cfg.model.family}
-    if source.run_id:
-        tags[PARENT_TAG] = source.run_id
-    run = client.create_run(experiment_id, run_name=f"{cfg.tracking.run_name or cfg.name}-eval", tags=tags)
+    tags = {tag: key, "flashdmd.stage": stage, "flashdmd.family": cfg.model.family, **(tags or {})}
+    run = client.create_run(experiment_id, run_name=f"{cfg.tracking.run_name or cfg.name}-{stage}", tags=tags)
     client.set_terminated(run.info.run_id, "FINISHED")  # nothing keeps it open; logging to it still works
     return run.info.run_id
+
+
+def eval_run_id(cfg: Config, source: StudentSource) -> str:
+    """The MLflow run holding this training run's evaluations: found by tag, else created (nested)."""
+    key = source.run_id or str(source.run_dir.resolve())
+    return tagged_run_id(cfg, EVAL_OF_TAG, key, "eval", {PARENT_TAG: source.run_id} if source.run_id else {})
 
 
 def log_to_mlflow(cfg: Config, source: StudentSource, result: EvalResult, table_path: Path, run_table_path: Path) -> str:
@@ -256,6 +260,10 @@ def main(cfg: Config, job: str = "eval") -> EvalResult:
     """Launcher entry (every rank): evaluate ``eval.source`` (or the training run, ``sampling.default_source``)."""
     ctx = init_distributed(cfg)
     try:
+        if cfg.model.family == "gmm2d":  # exact toy metrics, no images (rank 0; the sets are small)
+            from flashdmd.apps.toy_plot import run_toy_eval
+
+            return run_toy_eval(cfg, job) if ctx.is_main else None
         student = load_student_ranked(cfg, cfg.eval.source or default_source(cfg, job), ctx.rank, ctx.device)
         result = evaluate_source(cfg, student, ctx.rank, ctx.world_size, teacher=True)
         barrier()  # rank 0's files and MLflow points exist when any rank returns

@@ -32,8 +32,16 @@ Departures: an SD3 student trained without T5 (``model.use_t5=false``) saw zeros
 StableDiffusion3Pipeline will not load without a ``text_encoder_3``, so the export ships a
 one-layer T5 whose output is exactly zero (``null_t5``). Tiny SD3 presets encode that slot as 8
 tokens, so their pipeline must be called with ``max_sequence_length=8`` (real SD3: the pipeline's
-default 256); both are written into the card. Weights come from a run's hand-over or a local-layout checkpoint
-(see ``flashdmd.apps.sample.find_student``).
+default 256); both are written into the card. Weights come from a run's hand-over or a step directory of any
+engine (``flashdmd.apps.sample.find_student``, read by ``flashdmd.engine.checkpoint_reader``).
+
+Options (``export.*``): ``dtype`` casts every network of the pipeline (fp16/bf16 halve the folder;
+the distilled weights are fp32 masters otherwise), ``variant`` names the files the way
+``from_pretrained(variant=...)`` expects, ``base_model`` fills the card's metadata. Diffusers'
+LCM and flow-match scheduler configs have no field for explicit timesteps, so the exact grid is
+made by their own parameters where it can be (above) and is otherwise passed in the call.
+The model card opens with the Hugging Face metadata header (library_name, pipeline_tag,
+base_model, tags) and shows how to reproduce flashdmd's image for a seed, with ``latents=``.
 """
 from __future__ import annotations
 
@@ -60,6 +68,7 @@ from flashdmd.apps.sample import Student, default_source, find_student, load_stu
 
 log = logging.getLogger("flashdmd.apps.export")
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TIMESTEP_SCALING = 1e7  # LCM c_skip = 0.25 / ((t * scaling)^2 + 0.25) < 1e-14 for t >= 1: x0 passes unchanged
 EXPORT_META = "flashdmd_export.json"
 
@@ -150,17 +159,46 @@ def _latest_eval(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(found[-1].read_text()) if found else None
 
 
+def card_header(cfg: Config, student: Student) -> list[str]:
+    """The Hugging Face model-card metadata block (YAML front matter)."""
+    family = student.extras["family_spec"]
+    base = cfg.export.base_model or cfg.model.teacher or family.default_teacher or ""
+    tags = ["flashdmd", "flash-dmd", "distillation", "few-step", "text-to-image", family.pipeline_class]
+    return ["---", "library_name: diffusers", "pipeline_tag: text-to-image",
+            *([f"base_model: {json.dumps(base)}"] if base else []),
+            "tags:", *(f"- {t}" for t in tags), "---", ""]
+
+
+def reproduce_lines(student: Student, args: str) -> list[str]:
+    """How to get flashdmd's own image for seed s from the pipeline, with explicit ``latents=``."""
+    shape = (1, *student.latent_shape)
+    if student.extras["family_spec"].kind == "sd3":
+        return ["To reproduce flashdmd's image for seed `s` (`flashdmd.apps.sample` draws the initial noise and every "
+                "re-noising from one generator per image; StableDiffusion3Pipeline re-noises from torch's global RNG):",
+                "", "```python", "torch.manual_seed(s)", f"latents = torch.randn({shape})",
+                f"image = pipe(PROMPT, {args}, latents=latents).images[0]", "```", ""]
+    return ["To reproduce flashdmd's image for seed `s` (`flashdmd.apps.sample` draws the initial noise and every "
+            "re-noising from one generator per image; LCM pipelines re-noise from the call's generator):",
+            "", "```python", "g = torch.Generator().manual_seed(s)", f"latents = torch.randn({shape}, generator=g)",
+            f"image = pipe(PROMPT, {args}, latents=latents, generator=g).images[0]", "```", ""]
+
+
 def model_card(cfg: Config, student: Student, facts: dict[str, Any], kwargs: dict[str, Any]) -> str:
     family = student.extras["family_spec"]
     src = student.source
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    variant = f", variant={cfg.export.variant!r}" if cfg.export.variant else ""
+    if cfg.export.dtype != "fp32":
+        variant += f", torch_dtype=torch.{str(DTYPES[cfg.export.dtype]).removeprefix('torch.')}"
     lines = [
+        *card_header(cfg, student),
         f"# Flash-DMD {family.name}, {student.nfe}-step student",
         "",
         (f"Distilled with flashdmd (Flash-DMD stage {'2' if cfg.stage2.init_from else '1'}) from the "
          f"{family.pipeline_class} teacher `{cfg.model.teacher or family.default_teacher or 'tiny preset'}`."),
         "",
         f"- training step: {src.step} ({src.kind} `{src.folder}`)",
+        f"- weights: {cfg.export.dtype}" + (f" (variant `{cfg.export.variant}`)" if cfg.export.variant else ""),
         f"- MLflow run: {src.run_id or '-'}",
         f"- student timesteps: {student.timesteps} (NFE {student.nfe}); guidance off (no CFG, spec 1.2)",
         f"- scheduler: {facts['scheduler']} ({facts['note']})",
@@ -170,12 +208,13 @@ def model_card(cfg: Config, student: Student, facts: dict[str, Any], kwargs: dic
         "```python",
         "import torch",
         "from diffusers import DiffusionPipeline",
-        "pipe = DiffusionPipeline.from_pretrained(FOLDER)",
+        f"pipe = DiffusionPipeline.from_pretrained(FOLDER{variant})",
         *([ "torch.manual_seed(0)", f"image = pipe(PROMPT, {args}).images[0]"] if family.kind == "sd3" else
           [f"image = pipe(PROMPT, {args}, generator=torch.Generator().manual_seed(0)).images[0]"]),
         "```",
         "",
     ]
+    lines += reproduce_lines(student, args)
     if family.kind == "sd3":
         lines += [("**Note:** StableDiffusion3Pipeline does not hand `generator` to the scheduler's step, so the "
                   "re-noising between steps draws from torch's global RNG: seed it with `torch.manual_seed` (and pass "
@@ -229,13 +268,15 @@ def export_pipeline(cfg: Config, source: str | Path, out_dir: str | Path) -> Pat
                     "pass %s", facts["scheduler"], student.nfe, facts["set_timesteps_gives"], student.timesteps,
                     facts["call_kwargs"])
     pipe = getattr(diffusers, family.pipeline_class)(**_components(student, denoiser, scheduler))
-    pipe.save_pretrained(out, safe_serialization=True)
+    pipe.to(DTYPES[cfg.export.dtype])
+    pipe.save_pretrained(out, safe_serialization=True, variant=cfg.export.variant or None)
     kwargs = call_kwargs(student, facts)
     (out / "README.md").write_text(model_card(cfg, student, facts, kwargs))
     (out / EXPORT_META).write_text(json.dumps({
         "family": family.name, "step": student.source.step, "source": str(student.source.folder),
         "student_timesteps": student.timesteps, "scheduler": facts["scheduler"], "exact": facts["exact"],
-        "set_timesteps_gives": facts["set_timesteps_gives"], "call_kwargs": kwargs}, indent=1))
+        "set_timesteps_gives": facts["set_timesteps_gives"], "call_kwargs": kwargs, "dtype": cfg.export.dtype,
+        "variant": cfg.export.variant}, indent=1))
     log.info("exported %s (step %d) to %s: %s", family.name, student.source.step, out, facts["note"])
     return out
 
@@ -264,11 +305,15 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=DEFAULT_PRESET, help="the training run's preset name or YAML path")
     parser.add_argument("--source", default="", help="run dir, final/ folder or checkpoint step dir")
     parser.add_argument("--out", default="", help="output folder (default <run>/export/step-N)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="", help="saved weights' dtype (export.dtype)")
+    parser.add_argument("--variant", default="", help="file-name variant, e.g. fp16 (export.variant)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     cfg = config_from_cli(args.config, args.overrides, "stage1")
     cfg.export.source = args.source or cfg.export.source
     cfg.export.out_dir = args.out or cfg.export.out_dir
+    cfg.export.dtype = args.dtype or cfg.export.dtype
+    cfg.export.variant = args.variant or cfg.export.variant
     try:
         out = main(cfg, "export")
     except (FileNotFoundError, ValueError) as err:

@@ -15,9 +15,10 @@ noise and every re-noising draw, so an image depends only on its prompt and seed
 batch it was generated in or the rank that made it (evaluation shards images over ranks). For a
 batch of one this is exactly ``sample_student`` with that generator.
 
-Departure: checkpoints are read in the local/DDP engine layout (``generator.safetensors`` in the
-step directory). FSDP2 and DeepSpeed step directories are sharded; evaluate those through the
-run's hand-over (``final/``), which every engine writes in one layout.
+Weights are read by ``flashdmd.engine.checkpoint_reader.CheckpointReader`` on this one process,
+from the map every step directory carries, so a step directory of any engine (local, DDP, FSDP2,
+DeepSpeed ZeRO-3) and at any world size serves as well as the hand-over: sampling, export,
+evaluation and the watcher all take intermediate checkpoints.
 
 The sample job (``main(cfg, "sample")`` or ``python -m flashdmd.apps.sample``): prompts from
 ``sample.prompts`` or ``sample.prompts_file`` -> ``grid.png`` plus one PNG per image and
@@ -36,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from torch import Tensor
 
 from flashdmd.train.checkpoint import is_valid, latest_valid
@@ -46,6 +46,7 @@ from flashdmd.data.prompts import load_prompts
 from flashdmd.diffusion.rollout import predict_x0, randn, timesteps_tensor
 from flashdmd.diffusion.sampler import sample_teacher
 from flashdmd.infra.distributed import init_distributed, shutdown
+from flashdmd.engine.checkpoint_reader import CheckpointReader
 from flashdmd.engine.state_io import load_json
 from flashdmd.nets.parts import Parts
 from flashdmd.nets.registry import build_parts
@@ -64,7 +65,7 @@ class StudentSource:
     step: int
     run_dir: Path
     family: str
-    student_timesteps: list[int] | None  # None: not recorded (checkpoints); the config's are used
+    student_timesteps: list[int] | None  # None: not recorded (older checkpoints); the config's are used
     run_id: str | None
 
 
@@ -76,8 +77,9 @@ def _from_handoff(folder: Path) -> StudentSource:
 
 def _from_checkpoint(folder: Path) -> StudentSource:
     trainer = load_json(folder / "trainer.json")
+    timesteps = trainer.get("student_timesteps")
     return StudentSource(folder, "checkpoint", int(trainer["step"]), folder.parent.parent, trainer.get("family", ""),
-                         None, trainer.get("mlflow_run_id"))
+                         list(timesteps) if timesteps else None, trainer.get("mlflow_run_id"))
 
 
 def find_student(source: str | Path) -> StudentSource:
@@ -202,20 +204,18 @@ class TeacherBaseline:
 
 
 def load_generator_weights(generator: torch.nn.Module, source: StudentSource) -> None:
-    """Load ``generator.safetensors`` of a hand-over or a local-layout checkpoint into ``generator``."""
-    path = source.folder / "generator.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{source.folder} has no generator.safetensors: a sharded (FSDP2/DeepSpeed) checkpoint cannot be read "
-            f"here; use the run's hand-over folder ({FINAL}/) written at the end of training"
-        )
-    state = load_file(str(path))
+    """Load the generator's trainable tensors from a hand-over or a step directory of any engine."""
+    reader = CheckpointReader(source.folder)
+    if "generator" not in reader.networks():
+        raise FileNotFoundError(f"{source.folder} holds no generator (networks: {reader.networks()})")
     expected = trainable_keys(generator)
-    if set(state) != expected:
-        diff = sorted(set(state) ^ expected)[:5]
-        raise ValueError(f"{path} does not fit the generator built from this config (e.g. {diff}); "
-                         "model.family or model.lora.enabled differ from the training run")
-    generator.load_state_dict(state, strict=False)
+    saved = set(reader.keys("generator"))
+    buffers = {n for n, _ in generator.named_buffers()}  # non-persistent ones may be saved too; never required
+    if not expected <= saved or saved - expected - buffers:
+        diff = sorted(saved ^ expected - buffers)[:5]
+        raise ValueError(f"{source.folder}: the saved generator does not fit the generator built from this config "
+                         f"(e.g. {diff}); model.family or model.lora.enabled differ from the training run")
+    generator.load_state_dict({k: t for k, t in reader.tensors("generator") if k in expected}, strict=False)
 
 
 def new_student(cfg: Config, source: StudentSource, device: torch.device | str = "cpu") -> Student:
@@ -225,7 +225,7 @@ def new_student(cfg: Config, source: StudentSource, device: torch.device | str =
         raise ValueError(f"{source.folder} holds a {source.family} generator but model.family={cfg.model.family}; "
                          "pass the training run's preset and overrides")
     if cfg.model.family == "gmm2d":
-        raise ValueError("model.family=gmm2d has no images to sample or evaluate; see flashdmd/eval/gmm.py")
+        raise ValueError("model.family=gmm2d has no images; its sample and eval jobs run flashdmd/apps/toy_plot.py")
     cache_dir = Path(cfg.model.cache_dir or Path(cfg.run_root) / "cache")
     return Student(build_parts(cfg, cache_dir), timesteps_of(cfg, source), source, torch.device(device))
 
@@ -260,6 +260,10 @@ def sample_prompts(cfg: Config) -> list[str]:
 
 def run_sample(cfg: Config, device: torch.device | str = "cpu") -> Path:
     """Generate the sample job's images; returns the output folder."""
+    if cfg.model.family == "gmm2d":  # no images: a scatter plot of student, teacher and truth
+        from flashdmd.apps.toy_plot import run_toy_sample
+
+        return run_toy_sample(cfg)
     prompts = sample_prompts(cfg)
     student = load_student(cfg, cfg.sample.source or default_source(cfg, "sample"), device)
     expanded = [p for p in prompts for _ in range(cfg.sample.images_per_prompt)]

@@ -7,7 +7,9 @@ steps divisible by N) exactly as the eval job does (``flashdmd.apps.evaluate``):
 seeds and metrics, results under ``<run>/eval/step-<N>`` and ``eval/<metric>`` points at the
 training step in the run's one eval run in MLflow, so runs compare by metric in the MLflow UI.
 
-The networks are built once; each checkpoint only loads the generator's weights. Steps that
+The networks are built once; each checkpoint only loads the generator's weights, from the step
+directory of whatever engine wrote it (flashdmd.engine.checkpoint_reader), so every intermediate
+checkpoint is evaluated, not only the hand-over. Steps that
 already have ``results.json`` are skipped, so a restarted watcher continues where it stopped.
 Rank 0 decides what to do next and broadcasts it, so all ranks evaluate the same step. A step
 directory pruned by training while it is being read (``checkpoint.keep_last``) is skipped on

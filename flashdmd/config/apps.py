@@ -8,7 +8,7 @@ from typing import Literal
 from flashdmd.config.rules import Scope, setting
 
 # the metric registry of flashdmd/eval/ (spec section 5); tests/config checks that the two agree
-Metric = Literal["clip_score", "pickscore", "hpsv2", "fid", "image_reward", "mps"]
+Metric = Literal["clip_score", "pickscore", "hpsv2", "fid", "fd_clip", "image_reward", "mps"]
 IMAGES = {"ge": 1, "le": 65536}
 
 
@@ -63,3 +63,6 @@ class ExportConfig:
 
     source: str = ""  # run dir, its final/ hand-over or a checkpoint step dir; "" -> the run dir
     out_dir: str = ""  # "" -> <source run dir>/export/step-<N>
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # the saved weights' dtype (every network of the pipeline)
+    variant: str = ""  # "" -> plain file names; e.g. "fp16" -> diffusion_pytorch_model.fp16.safetensors (from_pretrained(variant=))
+    base_model: str = ""  # the model card's base_model; "" -> model.teacher (or the family's default teacher)

@@ -24,6 +24,9 @@ class EngineConfig:
     offload_params: bool = False
     teacher_sharding: Literal["replicate", "zero3"] = "replicate"
     collective_timeout_s: int = setting(600, ge=1, le=7 * 86400)
+    # deepspeed: also write DeepSpeed's own layout (latest, *_model_states.pt, *_optim_states.pt) into each
+    # step directory, for zero_to_fp32 and ds_to_universal; doubles a step's size, flashdmd never reads it
+    deepspeed_layout: bool = True
 
     def validate(self, rules: Scope) -> None:
         sharded = self.kind in SHARDING_ENGINES

@@ -90,7 +90,8 @@ class ModelConfig:
                     "set model.family=sd3 or tiny-sd3, or model.use_t5=false")
         rules.check(not self.text_encoders or len(self.text_encoders) == encoders, ("text_encoders", "family"),
                     f"must list {encoders} folder(s), one per text encoder of model.family={self.family}")
-        rules.check(not (tiny and (self.teacher or self.revision)), ("teacher", "revision", "family"),
+        real_only = [k for k in ("teacher", "revision") if getattr(self, k)] or ["teacher"]
+        rules.check(not (tiny and (self.teacher or self.revision)), (*real_only, "family"),
                     "must be empty for tiny families: their weights are built locally",
                     f"use model.family={self.family.removeprefix('tiny-')} for real weights")
         weights = {"teacher": self.teacher, "revision": self.revision, "vae": self.vae, "sam": self.sam,

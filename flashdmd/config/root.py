@@ -19,6 +19,7 @@ from flashdmd.config.model import ModelConfig
 from flashdmd.config.rules import Rules, Scope, field_problems, setting
 from flashdmd.config.run import CheckpointConfig, LaunchConfig, TrackingConfig
 from flashdmd.config.stages import Stage1Config, Stage2Config
+from flashdmd.config.synth import SynthConfig
 
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-=@")
 
@@ -40,6 +41,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
 
     def validate(self, rules: Scope) -> None:
         rules.check(set(self.name) <= NAME_CHARS and self.name not in (".", ".."), "name",

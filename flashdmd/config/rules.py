@@ -17,6 +17,7 @@ A message names the keys, the rule, the fix (where not obvious) and where each v
 from __future__ import annotations
 
 import copy
+import functools
 import dataclasses
 import math
 import typing
@@ -53,8 +54,9 @@ def setting(default: Any, *, ge: float | None = None, gt: float | None = None, l
     return field(default=default, metadata=meta)
 
 
+@functools.cache
 def fields_of(cls: type) -> dict[str, tuple[Any, Bound]]:
-    """name -> (type, bound) of a config dataclass."""
+    """name -> (type, bound) of a config dataclass (cached: resolving the hints is slow)."""
     hints = typing.get_type_hints(cls)
     return {f.name: (hints[f.name], f.metadata.get("bound", Bound())) for f in dataclasses.fields(cls)}
 

@@ -53,5 +53,6 @@ def build_engine(cfg: Config, device: torch.device | None = None) -> Engine:
             offload_optimizer=e.offload_optimizer,
             offload_params=e.offload_params,
             teacher_sharding=e.teacher_sharding,
+            native_layout=e.deepspeed_layout,
         )
     raise ValueError(f"engine.kind must be local, fsdp or deepspeed, got {e.kind!r}")

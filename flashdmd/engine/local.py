@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from flashdmd.engine import common
 from flashdmd.engine.base import Engine, OptimSpec
+from flashdmd.engine.checkpoint_map import tensor_entry, write_map
 from flashdmd.engine.lr import StepSchedule
+from flashdmd.engine.state_io import load_json, save_json, save_tensors
 
 
 def checkpoint_state(module: nn.Module) -> dict[str, Tensor]:

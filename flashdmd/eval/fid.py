@@ -191,8 +191,11 @@ def build_frechet(metric: str, source: str, device: torch.device, cfg: EvalConfi
         raise MetricUnavailable(
             "set eval.reference_images to a folder or list of reference images, or an .npz of their statistics"
         )
+    reference = Path(cfg.reference_images).expanduser()
+    if not reference.exists():
+        raise MetricUnavailable(f"eval.reference_images {str(reference)!r} does not exist")
     features, tag = FEATURE_NETWORKS[metric](source, device)
-    return FrechetDistance(features, reference_stats(Path(cfg.reference_images), features, tag, cfg.batch_size))
+    return FrechetDistance(features, reference_stats(reference, features, tag, cfg.batch_size))
 
 
 @register("fid", "", "FID", "Inception FID (torch-fidelity's FID Inception, 2048-d pool features)", digits=2,

@@ -83,6 +83,7 @@ class TimeMLP(nn.Module):
         )
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        x_t = x_t.to(self.net[0].weight.dtype)  # inputs follow the weights, as the image denoisers' do
         tau = (t.to(x_t.dtype) / self.T).unsqueeze(1)
         angles = tau * self.freqs
         return self.net(torch.cat([x_t, angles.sin(), angles.cos(), tau], dim=1))

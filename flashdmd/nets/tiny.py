@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -26,6 +27,7 @@ import torch
 from flashdmd.nets.families import Family
 
 TOKEN_LENGTH = 16  # tiny CLIP context length (real CLIP: 77)
+TRAINED_LOGIT_SCALE = 100.0  # exp(tau) of the tiny LRM (CLIP's trained cap; see ensure_tiny_lrm)
 T5_LENGTH = 8  # SD3's T5 slot length for tiny presets (diffusers default 256)
 _TEXT_HIDDEN = 32
 
@@ -77,7 +79,7 @@ def _clip_config(tokenizer: Any) -> Any:
     )
 
 
-def _vae(family: Family) -> Any:
+def tiny_vae(family: Family) -> Any:
     from diffusers import AutoencoderKL
 
     sd3 = family.kind == "sd3"
@@ -125,7 +127,7 @@ def tiny_teacher_pipeline(family: Family) -> Any:
 
     torch.manual_seed(0)
     tok = tiny_clip_tokenizer()
-    vae = _vae(family)
+    vae = tiny_vae(family)
     if family.kind == "sd15":
         return diffusers.StableDiffusionPipeline(
             vae=vae, text_encoder=CLIPTextModel(_clip_config(tok)), tokenizer=tok, unet=tiny_unet(family),
@@ -209,6 +211,13 @@ def ensure_tiny_lrm(family: Family, teacher_dir: Path, cache_dir: Path) -> Path:
         torch.manual_seed(2)
         # SD3's denoiser is an MMDiT; its LRM is a UNet on SD3 latents (flashdmd/nets/reward.py)
         unet = tiny_unet(family) if family.kind == "sd3" else None
-        LatentRewardModel.from_base(teacher_dir, family, unet=unet).save(folder)
+        lrm = LatentRewardModel.from_base(teacher_dir, family, unet=unet)
+        # a trained LRM's temperature has grown from CLIP's initial 14.3 toward its cap of 100;
+        # at 14.3 the random tiny LRM spreads the K candidates' scores too little for stage
+        # 2's threshold of 0.6 (spec 2.3) to keep any pair, at 100 it keeps about two thirds
+        with torch.no_grad():
+            lrm.logit_scale.fill_(math.log(TRAINED_LOGIT_SCALE))
+        lrm.save(folder)
 
-    return _cached(cache_dir, f"{family.name}-lrm", {"family": family.name, "teacher": str(teacher_dir)}, write)
+    return _cached(cache_dir, f"{family.name}-lrm", {"family": family.name, "teacher": str(teacher_dir),
+                                                    "logit_scale": TRAINED_LOGIT_SCALE}, write)

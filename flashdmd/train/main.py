@@ -214,7 +214,7 @@ class Trainer:
             folder = write_handoff(self.engine, self.parts.trainable(), cfg, step, tracker.run_id)
             status = "FINISHED"
             if self.ctx.is_main:
-                log.info("%s of run %s finished at step %d; full weights in %s", self.job, cfg.name, step, folder)
+                log.info("%s finished: run %s at step %d; full weights in %s", self.job, cfg.name, step, folder)
             return folder
         except KeyboardInterrupt:  # the second Ctrl-C: stopped without a save
             status = "KILLED"

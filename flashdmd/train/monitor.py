@@ -3,8 +3,9 @@
 - image families: a grid of the generator's few-step samples for the fixed prompts of
   ``tracking.sample_prompts`` from fixed noise, so grids at different steps are comparable
   (prompts are encoded once, at start-up);
-- gmm2d: the exact quality of the toy (sliced W2 to fresh true samples, modes covered, mean
-  reward at t = 0), since its truth is known.
+- gmm2d: the exact quality of the toy (sliced W2 to the true mixture, mass of each mode, modes
+  covered, mean reward at t = 0) beside the teacher's SW2 and the measurement's noise floor,
+  since its truth is known (``flashdmd.train.gmm_quality``).
 
 Sampling is run on every rank with identical inputs (a sharded generator's forward is collective);
 only rank 0's tracker records the result.
@@ -15,11 +16,11 @@ import torch
 
 from flashdmd.algo.rng import noise_generator
 from flashdmd.config import Config
-from flashdmd.diffusion.rollout import randn, sample_student, timesteps_tensor
+from flashdmd.diffusion.rollout import randn, sample_student
 from flashdmd.engine.base import Engine
-from flashdmd.eval.gmm import mode_mass, modes_covered, sliced_w2
 from flashdmd.nets.parts import Parts
 from flashdmd.infra.tracking import NullTracker
+from flashdmd.train.gmm_quality import GMMQuality
 
 MONITOR_SEED_TAG = "monitor"
 
@@ -38,31 +39,17 @@ class SampleGrid:
         x0 = sample_student(engine["generator"], self.parts.schedule, self.z, self.cfg.stage1.student_timesteps,
                             self.cond, gen)
         images = self.parts.decoder(x0).clamp(-1, 1)
-        tracker.log_images("generator", images.float().cpu(), step)
+        tracker.log_images("generator", images.float().cpu(), step, captions=list(self.cfg.tracking.sample_prompts))
 
 
-class GMMQuality:
-    def __init__(self, cfg: Config, parts: Parts, device: torch.device, num_samples: int = 2000) -> None:
-        self.cfg, self.parts, self.device, self.n = cfg, parts, device, num_samples
-        self.gmm = parts.exact
+class GMMMonitor:
+    """The toy's exact quality (``flashdmd.train.gmm_quality``) as metrics at the sampling step."""
 
-    @torch.no_grad()
-    def measure(self, generator: torch.nn.Module) -> dict[str, float]:
-        gen = noise_generator(self.cfg.seed, 0, 0, self.device, MONITOR_SEED_TAG)
-        z = randn((self.n, 2), gen, device=self.device)
-        x = sample_student(generator, self.parts.schedule, z, self.cfg.stage1.student_timesteps, {}, gen).cpu()
-        truth, _ = self.gmm.sample(self.n, noise_generator(self.cfg.seed, 1, 0, "cpu", MONITOR_SEED_TAG))
-        reward = self.parts.reward(x.to(self.device), timesteps_tensor(0, self.n, self.device), {}) if self.parts.reward else None
-        metrics = {
-            "eval/sw2": sliced_w2(x, truth, generator=torch.Generator().manual_seed(0)),
-            "eval/modes_covered": float(modes_covered(mode_mass(x, self.gmm.means), self.gmm.weights)),
-        }
-        if reward is not None:
-            metrics["eval/mean_reward"] = float(reward.mean())
-        return metrics
+    def __init__(self, cfg: Config, parts: Parts, device: torch.device) -> None:
+        self.quality = GMMQuality(cfg, parts, device)
 
     def __call__(self, engine: Engine, tracker: NullTracker, step: int) -> None:
-        tracker.log_metrics(self.measure(engine["generator"]), step)
+        tracker.log_metrics(self.quality.measure(engine["generator"]), step)
 
 
 def build_monitor(cfg: Config, parts: Parts, device: torch.device) -> SampleGrid | GMMQuality:

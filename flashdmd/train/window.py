@@ -6,7 +6,9 @@ distillation losses alternate (spec 2.5), and a per-timestep statistic exists on
 iterations whose DM branch drew that timestep (spec 1.3). Logging the one iteration that lands on
 the log step therefore loses whole networks. ``MetricWindow`` keeps every value since the last
 log step instead and reports, per metric, the mean over the iterations where it occurred and
-``count/<name>``, how many those were.
+``count/<name>``, how many those were. A metric seen earlier in the run but not in this window
+(a window shorter than the RL:DM period, a timestep not drawn) repeats its last mean with
+``count/<name>`` = 0, so every chart has a point at every log step and the count says it is old.
 
 Non-finite values (a skipped update's NaN loss) are left out of the mean, which would otherwise
 hide every finite value of the window; the step guard counts them (``health/skipped_steps``).
@@ -35,6 +37,7 @@ class MetricWindow:
         self._sum: dict[str, float] = defaultdict(float)
         self._finite: dict[str, int] = defaultdict(int)
         self._last: dict[str, float] = {}
+        self._previous: dict[str, float] = {}  # each metric's last reported mean
         self.steps, self.seconds, self.samples = 0, 0.0, 0
 
     def add(self, metrics: dict[str, float], seconds: float = 0.0, samples: int = 0) -> None:
@@ -52,11 +55,15 @@ class MetricWindow:
     def summary(self) -> dict[str, float]:
         """Mean over the iterations where each metric occurred (+ ``count/<name>``); starts a new window."""
         out: dict[str, float] = {}
-        for key, last in self._last.items():
+        for key in [*self._last, *(k for k in self._previous if k not in self._last)]:
             n = self._finite.get(key, 0)
-            out[key] = self._sum[key] / n if n else last
+            if key in self._last:
+                out[key] = self._sum[key] / n if n else self._last[key]
+            else:
+                out[key] = self._previous[key]
             if self.with_counts:
                 out[COUNT_PREFIX + key] = float(n)
+        self._previous.update({k: out[k] for k in self._last})
         self.reset()
         return out
 

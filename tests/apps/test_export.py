@@ -112,7 +112,7 @@ def test_tiny_sd3_lora_export_matches_the_student_sampler(tmp_path):
 def test_uneven_timesteps_are_flagged_and_reproduced_with_explicit_timesteps(tmp_path, caplog):
     """tiny-sd15 with 999, 600, 300, 100: set_timesteps(4) cannot give them; card and log say so, and
     the call with the card's ``timesteps=`` reproduces the sampler."""
-    steps = ["stage1.student_timesteps=[999,600,300,100]", "stage1.dm_steps=[999,600]", "stage1.gan_steps=[100]",
+    steps = ["stage1.student_timesteps=[999,600,300,100]", "stage1.dm_steps=[999,600,300]", "stage1.gan_steps=[100]",
              "stage2.rl_transitions=[[999,600]]"]
     cfg, run_dir = synthetic_handoff(tmp_path, "tiny-sd15", *steps)
     with caplog.at_level(logging.WARNING, logger="flashdmd.apps.export"):

@@ -164,6 +164,7 @@ RULE_CASES = [
     ("tiny-sdxl", ["eval.weights.fid=/w"], "eval.weights.fid is only read when eval.metrics lists"),
     ("tiny-sdxl", ["eval.teacher_guidance=3"], "is only read with eval.teacher_steps > 0"),
     ("tiny-sdxl", ["sample.prompts=[a]", "sample.prompts_file=p.txt"], "is only read when sample.prompts is empty"),
+    ("tiny-sdxl", ["synth.filter_threshold=0.3"], "is only read when synth.filter_metric names a score"),
     ("tiny-sdxl", ["stage1.student_timesteps=[1999,249]", *NO_STEPS], "must lie in [0, 999]"),
     ("tiny-sd3", ["stage1.student_timesteps=[1000,0]", *NO_STEPS], "must lie in [1, 1000]"),
     ("tiny-sdxl", ["stage2.rl_transitions=[[999,499]]"], "consecutive stage1.student_timesteps"),

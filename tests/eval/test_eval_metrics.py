@@ -64,7 +64,7 @@ def test_sharded_states_sum_to_one_pass(clip_folder, tmp_path):
     images, pixels = uint8_images(6, seed=1)
     for i, array in enumerate(pixels[:4]):
         Image.fromarray(array).save(tmp_path / f"ref{i}.png")
-    cfg = EvalConfig(metrics=["clip_score", "fid"], weights={"clip_score": str(clip_folder), "fid": str(clip_folder)},
+    cfg = EvalConfig(metrics=["clip_score", "fd_clip"], weights={"clip_score": str(clip_folder), "fd_clip": str(clip_folder)},
                      reference_images=str(tmp_path))  # fmt: skip
     whole, _ = build_metrics(cfg)
     shard_a, _ = build_metrics(cfg)
@@ -79,9 +79,9 @@ def test_sharded_states_sum_to_one_pass(clip_folder, tmp_path):
 
     # the reference images against themselves: the same Gaussian, distance ~0
     same, _ = build_metrics(cfg)
-    same["fid"].update(images[:4], PROMPTS[:4])
-    assert abs(same["fid"].compute()) < 1e-6 * max(1.0, whole["fid"].compute())
-    assert whole["fid"].compute() > 1e-3
+    same["fd_clip"].update(images[:4], PROMPTS[:4])
+    assert abs(same["fd_clip"].compute()) < 1e-6 * max(1.0, whole["fd_clip"].compute())
+    assert whole["fd_clip"].compute() > 1e-3
 
 
 def _rank_main(rank: int, world: int, port: int, cfg: EvalConfig, out: str) -> None:
@@ -108,7 +108,7 @@ def test_two_gloo_ranks_give_the_numbers_of_one(clip_folder, tmp_path):
     images, pixels = uint8_images(6, seed=1)
     for i, array in enumerate(pixels[:4]):
         Image.fromarray(array).save(tmp_path / f"ref{i}.png")
-    cfg = EvalConfig(metrics=["clip_score", "fid"], weights={"clip_score": str(clip_folder), "fid": str(clip_folder)},
+    cfg = EvalConfig(metrics=["clip_score", "fd_clip"], weights={"clip_score": str(clip_folder), "fd_clip": str(clip_folder)},
                      reference_images=str(tmp_path))  # fmt: skip
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -151,13 +151,13 @@ def test_frechet_distance_matches_closed_forms():
 def test_unavailable_metrics_are_skipped_with_a_message(tmp_path):
     missing = str(tmp_path / "no-such-folder")
     cfg = EvalConfig(
-        metrics=["clip_score", "hpsv2", "mps", "image_reward", "fid"], weights={"clip_score": missing, "fid": missing}
+        metrics=["clip_score", "hpsv2", "mps", "image_reward", "fd_clip"], weights={"clip_score": missing, "fd_clip": missing}
     )
     built, skipped = build_metrics(cfg)
     assert not built and set(skipped) == set(cfg.metrics)
     assert missing in skipped["clip_score"] and "does not exist" in skipped["clip_score"]
     assert "eval.weights.hpsv2" in skipped["hpsv2"] and "eval.weights.image_reward" in skipped["image_reward"]
-    assert "MPS" in skipped["mps"] and "eval.reference_images" in skipped["fid"]
+    assert "MPS" in skipped["mps"] and "eval.reference_images" in skipped["fd_clip"]
     with pytest.raises(ValueError, match="unknown metric.*clipscore.*known: clip_score"):
         build_metrics(EvalConfig(metrics=["clipscore"]))
 
@@ -196,18 +196,19 @@ def test_results_table_is_shaped_like_the_papers():
             "nfe": 100,
             "metrics": {"image_reward": 0.7143, "pickscore": 0.2265, "hpsv2": 0.2865, "mps": 11.87},
         },
-        {"method": "Flash-DMD", "nfe": 4, "metrics": {"pickscore": 0.23221, "image_reward": 0.9509, "fid": 19.321}},
+        {"method": "Flash-DMD", "nfe": 4, "metrics": {"pickscore": 0.23221, "image_reward": 0.9509, "fid": 19.321,
+                                                      "fd_clip": 3.5}},
     ]
     table = results_table(rows, notes=["mps skipped: not implemented"])
     assert table == (
-        "| Method | NFE | ImgRwd | Pick | HPSv2 | MPS | FD-CLIP |\n"
-        "|---|---|---|---|---|---|---|\n"
-        "| SDXL (teacher) | 100 | 0.7143 | 0.2265 | 0.2865 | 11.87 | - |\n"
-        "| Flash-DMD | 4 | 0.9509 | 0.2322 | - | - | 19.32 |\n"
+        "| Method | NFE | ImgRwd | Pick | HPSv2 | MPS | FID | FD-CLIP |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        "| SDXL (teacher) | 100 | 0.7143 | 0.2265 | 0.2865 | 11.87 | - | - |\n"
+        "| Flash-DMD | 4 | 0.9509 | 0.2322 | - | - | 19.32 | 3.50 |\n"
         "\n- mps skipped: not implemented\n"
     )
-    assert [REGISTRY[m].column for m in ("clip_score", "image_reward", "pickscore", "hpsv2", "mps", "fid")] == [
-        "CLIP", "ImgRwd", "Pick", "HPSv2", "MPS", "FD-CLIP"
+    assert [REGISTRY[m].column for m in ("clip_score", "image_reward", "pickscore", "hpsv2", "mps", "fid", "fd_clip")] == [
+        "CLIP", "ImgRwd", "Pick", "HPSv2", "MPS", "FID", "FD-CLIP"
     ]  # fmt: skip
     with pytest.raises(ValueError, match="unknown metric"):
         results_table([{"method": "x", "nfe": 1, "metrics": {"fidd": 1.0}}])

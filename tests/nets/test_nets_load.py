@@ -68,7 +68,7 @@ def test_tiny_family_rejects_teacher_and_bad_options(tmp_path: Path) -> None:
         build_parts(load_config("tiny-sdxl", ["model.teacher=/some/folder"]), tmp_path)
     with pytest.raises(ValueError, match="v_prediction"):
         build_parts(load_config("tiny-sd3", ["model.prediction_type=v_prediction"]), tmp_path)
-    with pytest.raises(ValueError, match="unknown model.family"):
+    with pytest.raises(ValueError, match="model.family.*sd9"):
         build_parts(load_config("tiny-sdxl", ["model.family=sd9"]), tmp_path)
 
 

@@ -42,13 +42,17 @@ def test_decode_encode_conventions(name: str, cache: Path) -> None:
 
 
 def test_bf16_frozen_nets_and_checkpointing(cache: Path) -> None:
-    cfg = load_config("tiny-sdxl", ["model.dtype=bf16", "engine.gradient_checkpointing=true"])
+    cfg = load_config("tiny-sdxl", ["model.dtype=bf16", "engine.gradient_checkpointing=true",
+                                    "engine.sam_checkpointing=true", "engine.decoder_checkpointing=true"])
     parts = build_parts(cfg, cache)
     assert parts.teacher.model.dtype == torch.bfloat16 and parts.decoder.vae.dtype == torch.bfloat16
     assert parts.generator.model.dtype == torch.float32  # trainable masters stay fp32
     assert parts.generator.model.is_gradient_checkpointing
     sam = parts.discriminator.backbone.encoder
     assert getattr(sam, "is_activation_checkpointing", None) or sam.is_gradient_checkpointing
+    parts.discriminator.eval()
+    assert sam.training  # transformers checkpoints training-mode layers only (nets/discriminator.py)
+    assert parts.decoder.vae.decoder.gradient_checkpointing
     cond = parts.encode_prompts(["a cat", "a dog"])
     x, t = torch.randn(2, *parts.latent_shape), torch.tensor([249, 249])
     with torch.no_grad():

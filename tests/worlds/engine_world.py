@@ -287,7 +287,8 @@ def stage1_config(kind: str, cache: str, preset: str = "tiny-sdxl") -> Any:
     from flashdmd.config import load_config
 
     lora = ["model.lora.enabled=false"] if preset == "tiny-sdxl" else []
-    return load_config(preset, [f"engine.kind={kind}", "engine.teacher_sharding=zero3", f"model.cache_dir={cache}",
+    sharded = ["engine.teacher_sharding=zero3"] if kind != "local" else []  # the local engine replicates it
+    return load_config(preset, [f"engine.kind={kind}", *sharded, f"model.cache_dir={cache}",
                                 "stage1.fake_ema_decay=0.9", *lora])
 
 
