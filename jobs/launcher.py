@@ -52,6 +52,7 @@ ENTRIES = {
     "sample": "flashdmd.apps.sample:main",
     "eval": "flashdmd.apps.evaluate:main",
     "watch": "flashdmd.apps.watch:main",
+    "synth": "flashdmd.apps.synth:main",
 }
 TRAINING_JOBS = ("stage1", "stage2")
 
@@ -145,6 +146,7 @@ PATH_KEYS = (
     ("checkpoint", "dir"), ("model", "cache_dir"), ("data", "shards"), ("data", "prompts"), ("stage2", "init_from"),
     ("eval", "prompts"), ("eval", "reference_images"), ("eval", "source"), ("eval", "out_dir"),
     ("sample", "source"), ("sample", "prompts_file"), ("sample", "out_dir"), ("export", "source"), ("export", "out_dir"),
+    ("synth", "prompts"), ("synth", "out_dir"),
 )
 
 

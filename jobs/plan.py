@@ -14,7 +14,7 @@ from typing import Any
 from flashdmd.config import Config, ConfigError, diff, load_config, to_yaml
 from flashdmd.config.run import SLURM_ONLY
 
-JOBS = ("stage1", "stage2", "pipeline", "export", "sample", "eval", "watch")
+JOBS = ("stage1", "stage2", "pipeline", "export", "sample", "eval", "watch", "synth")
 PIPELINE = ("stage1", "stage2")  # stage 2 runs after stage 1 succeeded (afterok), from its run directory
 
 

@@ -46,6 +46,7 @@ JOB_HELP = {
     "sample": "generate images from a trained student (sample.source, sample.prompts_file, sample.out_dir)",
     "eval": "the paper's metrics of a trained student on a prompt set (eval.source, eval.prompts)",
     "watch": "a side job: evaluate a training run's checkpoints as they appear",
+    "synth": "a synthetic training set: a teacher pipeline's images of a prompt set as shards (synth.prompts)",
 }
 
 DESCRIPTION = """\

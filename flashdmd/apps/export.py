@@ -64,6 +64,7 @@ from flashdmd.infra.distributed import init_distributed, shutdown
 from flashdmd.engine.base import OptimSpec
 from flashdmd.engine.local import LocalEngine
 from flashdmd.engine.diffusers_weights import export_full_weights, find_diffusers_model
+from flashdmd.engine.state_io import umask_modes
 from flashdmd.apps.sample import Student, default_source, find_student, load_student
 
 log = logging.getLogger("flashdmd.apps.export")
@@ -277,6 +278,7 @@ def export_pipeline(cfg: Config, source: str | Path, out_dir: str | Path) -> Pat
         "student_timesteps": student.timesteps, "scheduler": facts["scheduler"], "exact": facts["exact"],
         "set_timesteps_gives": facts["set_timesteps_gives"], "call_kwargs": kwargs, "dtype": cfg.export.dtype,
         "variant": cfg.export.variant}, indent=1))
+    umask_modes(out)
     log.info("exported %s (step %d) to %s: %s", family.name, student.source.step, out, facts["note"])
     return out
 

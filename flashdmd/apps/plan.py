@@ -500,7 +500,10 @@ def cheapest_fix(cfg: Config, world_size: int, stage: int, gpu_mem_gib: float, r
                  arch: Architecture) -> str:
     """The first single change of FIXES, then more GPUs, then a smaller batch, that makes the run fit."""
     for text, overrides in FIXES:
-        changed = _with(cfg, overrides)
+        try:
+            changed = _with(cfg, overrides)
+        except ConfigError:  # a change this config refuses (e.g. sharding the teacher on the local engine)
+            continue
         if changed == cfg:
             continue
         if plan(changed, world_size, stage, gpu_mem_gib, reserve_gib, arch, suggest=False).fits:
@@ -573,11 +576,13 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, help="default: launch.nodes of the config")
     parser.add_argument("--gpus-per-node", type=int, help="default: launch.gpus_per_node of the config")
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
-    parser.add_argument("--reserve", type=float, default=2.0, help="GiB kept free (CUDA context, fragmentation)")
-    parser.add_argument("--stage", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--reserve", type=float, default=2.0,
+                        help="GiB per GPU kept free for the CUDA context and fragmentation (default 2)")
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=1,
+                        help="1: distillation; 2: adds the latent reward model and the frozen reference (default 1)")
     parser.add_argument("--matrix", action="store_true",
                         help="also print every engine layout with and without gradient checkpointing")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, after the preset")
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -5,6 +5,8 @@ process group (anchors_jobsystem.md 1.4-1.5).
   ``deepspeed.initialize`` each with ZeRO stage 3, a client ``torch.optim.AdamW`` (or, with
   ``offload_optimizer``, DeepSpeed's CPU AdamW, which g++ compiles on first use), fp32 master
   weights and DeepSpeed's gradient clipping. Our ``StepSchedule`` writes the learning rate.
+  A network built on the meta device (``flashdmd.nets.lazy``) is rebuilt under
+  ``deepspeed.zero.Init`` and each rank reads its own flat range of every tensor from the files.
 - Frozen networks: replicated plain modules, except the teacher/reference with
   ``teacher_sharding="zero3"``: a ZeRO-3 inference engine (no optimizer) that all-gathers its
   blocks on the fly, as DeepSpeed-Chat's reference model.
@@ -49,6 +51,7 @@ from flashdmd.engine.checkpoint_map import tensor_entry, write_map, zero3_entrie
 from flashdmd.engine.checkpoint_reader import CheckpointReader
 from flashdmd.engine.lr import StepSchedule
 from flashdmd.engine.state_io import join_optimizer_state, load_json, save_json, save_tensors, split_optimizer_state
+from flashdmd.nets.lazy import LazyNet, fill_zero3_partitions, reset_missing, source_of
 
 # DeepSpeed picks its accelerator when imported; say which one instead of letting it probe.
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -127,18 +130,35 @@ class DeepSpeedEngine(Engine):
                 }
         return config
 
+    def _build_partitioned(self, lazy: LazyNet, spec: OptimSpec) -> nn.Module:
+        """A meta-built network rebuilt under zero.Init (each module partitioned as it is
+        constructed), then each rank reads its own flat range of every tensor from the files."""
+        with deepspeed.zero.Init(config_dict_or_path=self._config(spec),
+                                 remote_device="cpu" if self.offload_params else None):
+            module = lazy.build()
+        missing = fill_zero3_partitions(module, lazy.weights, self.rank)
+        if missing:  # LoRA adapters: PEFT's init on rank 0, then partitioned to every rank
+            with deepspeed.zero.GatheredParameters(missing, modifier_rank=0):
+                if self.rank == 0:
+                    reset_missing(module, lazy.weights)
+        return module
+
     def setup(self, trainable: dict[str, nn.Module], optim: dict[str, OptimSpec], frozen: dict[str, nn.Module]) -> None:
         if set(trainable) != set(optim):
             raise ValueError(f"one OptimSpec per trainable network: networks {sorted(trainable)}, specs {sorted(optim)}")
         for name, module in trainable.items():
             spec = optim[name]
+            lazy = source_of(module)
+            if lazy is not None:
+                module = self._build_partitioned(lazy, spec)
             if self.gradient_checkpointing:
                 common.enable_gradient_checkpointing(module)
             params = [p for _, p in common.trainable_parameters(module)]
             if not params:
                 raise ValueError(f"trainable network '{name}' has no parameter with requires_grad")
-            module.to(self.device)
-            common.broadcast_from_rank0(module)
+            if lazy is None:
+                module.to(self.device)
+                common.broadcast_from_rank0(module)
             client_opt = None
             if not self.offload_optimizer:
                 client_opt = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from flashdmd.engine.base import Engine
+from flashdmd.engine.state_io import umask_modes
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -59,4 +60,5 @@ def export_full_weights(engine: Engine, name: str, out_dir: Path | str, dtype: t
         fresh.to(dtype)
     out = Path(out_dir)
     fresh.save_pretrained(out, safe_serialization=True)
+    umask_modes(out)
     return out

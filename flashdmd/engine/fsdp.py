@@ -8,7 +8,8 @@ schedule. Frozen networks are replicated, except the teacher (and stage-2 refere
 inference. A loss that flows through a frozen-for-this-step network (the generator's GAN
 loss through the discriminator and the VAE decoder) is ordinary autograd: the discriminator's
 blocks are all-gathered in backward, and ``frozen`` keeps its parameters from collecting
-gradients.
+gradients. A network built on the meta device (``flashdmd.nets.lazy``) is sharded before it
+has storage; each rank then allocates and reads only its own rows from the weight files.
 
 Departures from FastVideo/FastGen (anchors_dmd_code.md): checkpoints use DCP's Hugging Face
 safetensors storage (no pickled ``.metadata``) with optimizer hyper-parameters in JSON, and
@@ -43,6 +44,7 @@ from flashdmd.engine.base import Engine, OptimSpec
 from flashdmd.engine.checkpoint_map import tensor_entry, write_map
 from flashdmd.engine.lr import StepSchedule
 from flashdmd.engine.state_io import join_optimizer_state, load_json, save_json, split_optimizer_state
+from flashdmd.nets.lazy import fill_dtensor_shards, remember_memory_tensors, source_of
 
 SHARDED_FROZEN = ("teacher", "reference")  # the frozen networks teacher_sharding applies to
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,8 +96,12 @@ class FSDPEngine(Engine):
 
     # ---------------------------------------------------------------- placement
     def _shard(self, module: nn.Module) -> nn.Module:
-        module.to(self.device)
-        common.broadcast_from_rank0(module)
+        lazy = source_of(module)
+        if lazy is None:
+            module.to(self.device)
+            common.broadcast_from_rank0(module)
+        else:  # built on the meta device: shard first, then allocate and read only this rank's rows
+            remember_memory_tensors(module, lazy)
         # Roots too reshard after forward: a no-grad forward (the fake score inside the DMD
         # target) must leave the parameters sharded for the EMA pull and the memory budget.
         kwargs = {"mesh": self.mesh, "mp_policy": self.mp_policy, "reshard_after_forward": True}
@@ -104,6 +110,9 @@ class FSDPEngine(Engine):
         for block in common.block_modules(module):
             fully_shard(block, **kwargs)
         fully_shard(module, **kwargs)
+        if lazy is not None:
+            module.to_empty(device="cpu" if self.offload_policy is not None else self.device)
+            fill_dtensor_shards(module, lazy)
         return module
 
     def setup(self, trainable: dict[str, nn.Module], optim: dict[str, OptimSpec], frozen: dict[str, nn.Module]) -> None:

@@ -50,6 +50,15 @@ def atomic_write(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def umask_modes(folder: Path) -> None:
+    """Give every file under ``folder`` the umask's permissions (safetensors' own ``save_file``, and
+    through it diffusers' ``save_pretrained``, leaves 0600 files behind)."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            os.chmod(path, mode)
+
+
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` (any device, any layout) to a safetensors file, atomically."""
     with atomic_write(path) as tmp:

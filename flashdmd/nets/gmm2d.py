@@ -33,7 +33,7 @@ from flashdmd.diffusion.schedules import Schedule, VPSchedule
 from flashdmd.nets.interfaces import Conditioning
 from flashdmd.nets.parts import Parts
 
-TEACHER_VERSION = "gmm2d-teacher-v2"  # bump when the MLP or its training changes
+TEACHER_VERSION = "gmm2d-teacher-v3"  # bump when the MLP or its training changes
 DEFAULT_PREDICTION = "v_prediction"
 
 
@@ -74,7 +74,7 @@ class TimeMLP(nn.Module):
     def __init__(self, hidden: int = 256, num_freqs: int = 6, num_train_timesteps: int = 1000) -> None:
         super().__init__()
         self.T = num_train_timesteps
-        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(num_freqs, dtype=torch.float32))
+        self.num_freqs = num_freqs
         self.net = nn.Sequential(
             nn.Linear(2 + 2 * num_freqs + 1, hidden), nn.SiLU(),
             nn.Linear(hidden, hidden), nn.SiLU(),
@@ -83,10 +83,14 @@ class TimeMLP(nn.Module):
         )
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        x_t = x_t.to(self.net[0].weight.dtype)  # inputs follow the weights, as the image denoisers' do
-        tau = (t.to(x_t.dtype) / self.T).unsqueeze(1)
-        angles = tau * self.freqs
-        return self.net(torch.cat([x_t, angles.sin(), angles.cos(), tau], dim=1))
+        # time features in fp32 from constants (not a buffer, which a cast to bf16 would round),
+        # then every input in the weights' dtype, as the image denoisers do: a bf16 copy and a
+        # bf16 mixed-precision policy of the same weights compute the same numbers
+        tau = (t.to(torch.float32) / self.T).unsqueeze(1)
+        freqs = math.pi * 2.0 ** torch.arange(self.num_freqs, dtype=torch.float32, device=x_t.device)
+        angles = tau * freqs
+        features = torch.cat([x_t.to(torch.float32), angles.sin(), angles.cos(), tau], dim=1)
+        return self.net(features.to(self.net[0].weight.dtype))
 
 
 class LinearDecoder(nn.Module):

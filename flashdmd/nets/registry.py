@@ -72,7 +72,7 @@ def student_net(cfg: Config, teacher_model: nn.Module, family: Family, schedule:
     """The recipe of a trainable fp32 copy of the teacher (Algorithm 1 init), with LoRA when configured."""
 
     def build() -> nn.Module:
-        model = type(teacher_model).from_config(teacher_model.config).to(torch.float32)
+        model = type(teacher_model).from_config(teacher_model.config)  # fp32: the default dtype
         model.train()
         model.requires_grad_(True)
         if cfg.engine.gradient_checkpointing:

@@ -26,6 +26,7 @@ from flashdmd.config import Config
 from flashdmd.diffusion.rollout import sample_student, timesteps_tensor
 from flashdmd.diffusion.sampler import sample_teacher
 from flashdmd.eval.gmm import mode_mass, modes_covered, sliced_w2
+from flashdmd.nets.gmm2d import GMM
 from flashdmd.nets.parts import Parts
 
 NUM_SAMPLES = 8192  # a power of two: Sobol points are balanced at these sizes
@@ -53,7 +54,9 @@ class GMMQuality:
 
     def __init__(self, cfg: Config, parts: Parts, device: torch.device, num_samples: int = NUM_SAMPLES) -> None:
         self.cfg, self.parts, self.device = cfg, parts, device
-        self.gmm = parts.extras["gmm"]
+        if not isinstance(parts.exact, GMM):
+            raise TypeError(f"the exact toy quality needs the gmm2d mixture as parts.exact, got {type(parts.exact).__name__}")
+        self.gmm = parts.exact
         self.z = quasi_normal(num_samples, 2, cfg.seed).to(device)
         self.truth = stratified_truth(self.gmm.means, self.gmm.weights, self.gmm.std, num_samples, cfg.seed + 1)
         self._references: dict[str, float] = {}

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from flashdmd.config import Config
 from flashdmd.engine.base import Engine
+from flashdmd.engine.state_io import save_tensors
 
 FINAL = "final"
 META = "handoff.json"
@@ -58,7 +59,7 @@ def write_handoff(engine: Engine, networks: dict[str, nn.Module], cfg: Config, s
             keep = trainable_keys(module)
             folder.mkdir(parents=True, exist_ok=True)
             tensors = {k: v.contiguous() for k, v in full.items() if k in keep}
-            save_file(tensors, str(folder / f"{name}.safetensors"))
+            save_tensors(folder / f"{name}.safetensors", tensors)  # the umask's modes, atomically
     if engine.rank == 0:
         meta = {"family": cfg.model.family, "step": step, "mlflow_run_id": run_id,
                 "student_timesteps": cfg.stage1.student_timesteps, "lora": cfg.model.lora.enabled,

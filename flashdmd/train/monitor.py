@@ -52,7 +52,7 @@ class GMMMonitor:
         tracker.log_metrics(self.quality.measure(engine["generator"]), step)
 
 
-def build_monitor(cfg: Config, parts: Parts, device: torch.device) -> SampleGrid | GMMQuality:
+def build_monitor(cfg: Config, parts: Parts, device: torch.device) -> SampleGrid | GMMMonitor:
     if parts.exact is not None:
-        return GMMQuality(cfg, parts, device)
+        return GMMMonitor(cfg, parts, device)
     return SampleGrid(cfg, parts, device)

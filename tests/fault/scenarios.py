@@ -180,7 +180,7 @@ def kill_rank(root: Path, cache: Path, phase: str) -> Row:
     second = launch(overrides, timeout_s=300)
     resumed = re.search(r"resuming from \S+ \(step (\d+)\)", second.logs[0])
     meta = handoff(cfg)
-    steps = metric_steps(root, meta["mlflow_run_id"], "loss_fake")
+    steps = metric_steps(root, meta["mlflow_run_id"], "loss/fake")
     ok = (first.returncodes[1] == -9 and first.returncodes[0] != 0 and second.returncodes == [0, 0]
           and resumed is not None and meta["step"] == ITERATIONS)
     resumed_step = int(resumed.group(1)) if resumed else -1
@@ -212,7 +212,7 @@ def nonfinite_skip(root: Path, cache: Path, spec: str, label: str) -> Row:
         main(cfg, "stage1")
     meta = handoff(cfg)
     skipped = metric_values(root, meta["mlflow_run_id"], "health/skipped_steps")
-    steps = metric_steps(root, meta["mlflow_run_id"], "loss_fake")
+    steps = metric_steps(root, meta["mlflow_run_id"], "loss/fake")
     counted = [s for s, v in sorted(skipped.items()) if v >= 1]
     ok = meta["step"] == ITERATIONS and counted[:1] == [int(spec.split("@")[1].split(":")[0])] and skipped[ITERATIONS] == 1
     return Row(fault=f"{label} at step 3 (1 rank)", outcome="step skipped and counted; run finished" if ok else f"FAILED: {skipped}",
@@ -228,7 +228,7 @@ def nonfinite_two_ranks(root: Path, cache: Path) -> Row:
     both = [bool(re.search(r"step 3: non-finite .* update skipped \(1 in a row, 1 in all\)", log)) for log in run.logs]
     meta = handoff(cfg)
     skipped = metric_values(root, meta["mlflow_run_id"], "health/skipped_steps")
-    steps = metric_steps(root, meta["mlflow_run_id"], "loss_fake")
+    steps = metric_steps(root, meta["mlflow_run_id"], "loss/fake")
     ok = run.returncodes == [0, 0] and all(both) and skipped.get(2) == 0 and skipped.get(3) == 1 and skipped[ITERATIONS] == 1
     return Row(fault="Inf loss on rank 1 only at step 3 (2 ranks)",
                outcome="both ranks skipped step 3 together; run finished" if ok else f"FAILED: {run.returncodes} {both}",
@@ -248,7 +248,7 @@ def nonfinite_rollback(root: Path, cache: Path) -> Row:
     lr = metric_values(root, meta["mlflow_run_id"], "fake_score_lr")
     scale = metric_values(root, meta["mlflow_run_id"], "health/lr_scale")
     trainer = json.loads((latest_valid(cfg.checkpoint_dir) / "trainer.json").read_text())
-    steps = metric_steps(root, meta["mlflow_run_id"], "loss_fake")
+    steps = metric_steps(root, meta["mlflow_run_id"], "loss/fake")
     ok = (meta["step"] == ITERATIONS and math.isclose(lr[ITERATIONS], 0.5 * cfg.stage1.fake_lr)
           and math.isclose(lr[4], cfg.stage1.fake_lr) and scale[ITERATIONS] == 0.5 and trainer["guard"]["rollbacks"] == 1)
     return Row(fault="NaN gradients 3 steps in a row (steps 5-7)",
@@ -572,10 +572,10 @@ def mlflow_outage(root: Path, cache: Path) -> Row:
         run_id = handoff(cfg)["mlflow_run_id"]
         client = mlflow.MlflowClient(tracking_uri=server.uri)
         deadline = time.time() + 60  # the trainer's writer has delivered at close; allow the store to settle
-        steps = metric_steps(root, run_id, "loss_fake", uri=server.uri)
+        steps = metric_steps(root, run_id, "loss/fake", uri=server.uri)
         while steps != list(range(1, OUTAGE_ITERATIONS + 1)) and time.time() < deadline:
             time.sleep(1)
-            steps = metric_steps(root, run_id, "loss_fake", uri=server.uri)
+            steps = metric_steps(root, run_id, "loss/fake", uri=server.uri)
         status = client.get_run(run_id).info.status
     finally:
         server.stop()
@@ -588,10 +588,22 @@ def mlflow_outage(root: Path, cache: Path) -> Row:
                detail={**events, "metric_steps": len(steps), "status": status})
 
 
-def corrupt_training(root: Path, cache: Path, rate: float, iterations: int = 30) -> Row:
+# The training runs only prove the trainer's side (skip, count, log to MLflow, or stop): the
+# stream-level cases above already sweep the fractions over all 1000 samples. One bad image in a
+# few small steps shows skip-and-count; the abort rule is judged after a short window.
+TRAIN_ITERATIONS = 4
+TRAIN_BATCH = 4
+TRAIN_CHECK_AFTER = 20
+
+
+def corrupt_training(root: Path, cache: Path, rate: float, iterations: int = 0) -> Row:
     """A tiny-sdxl stage-1 run over the corrupt shards: completes and logs its counts to MLflow
-    below data.max_bad_fraction, stops with DataError naming the rule above it."""
+    below data.max_bad_fraction, stops with DataError naming the rule above it (judged after
+    ``TRAIN_CHECK_AFTER`` items). ``iterations`` 0: ``TRAIN_ITERATIONS`` below the threshold, and
+    above it enough steps to read past the judging window."""
     import logging
+
+    iterations = iterations or (TRAIN_ITERATIONS if rate <= MAX_BAD else 4 * TRAIN_CHECK_AFTER // TRAIN_BATCH)
 
     from flashdmd.data import DataError
     from flashdmd.train.main import main
@@ -600,10 +612,10 @@ def corrupt_training(root: Path, cache: Path, rate: float, iterations: int = 30)
     pattern, _, bad = corrupt_shards(root / f"train-shards-{rate}", rate)
     cfg = load_config("tiny-sdxl", [
         f"run_root={root}", f"name=corrupt-{rate}", f"model.cache_dir={cache}", f"data.shards={pattern}",
-        "data.resolution=32", "data.batch_size=8", "data.shuffle_buffer=0", "data.resampled=false",
-        f"data.epoch_length={SAMPLES // 8}", f"data.max_bad_fraction={MAX_BAD}", "data.bad_check_after=100",
-        f"stage1.iterations={iterations}", f"checkpoint.every={iterations}", "tracking.sample_every=0",
-        "tracking.log_every=5",
+        "data.resolution=32", f"data.batch_size={TRAIN_BATCH}", "data.shuffle_buffer=0", "data.resampled=false",
+        f"data.epoch_length={SAMPLES // TRAIN_BATCH}", f"data.max_bad_fraction={MAX_BAD}",
+        f"data.bad_check_after={TRAIN_CHECK_AFTER}", f"stage1.iterations={iterations}", f"checkpoint.every={iterations}",
+        "tracking.sample_every=0", f"tracking.log_every={iterations}",
     ])
     skipped_keys: list[str] = []
 
@@ -626,7 +638,7 @@ def corrupt_training(root: Path, cache: Path, rate: float, iterations: int = 30)
     finally:
         data_log.removeHandler(handler)
         data_log.setLevel(old_level)
-    label = f"{rate:.1%} corrupt images in a tiny-sdxl training run ({iterations} steps of 8)"
+    label = f"{rate:.1%} corrupt images in a tiny-sdxl training run ({iterations} steps of {TRAIN_BATCH})"
     if rate <= MAX_BAD:
         meta = handoff(cfg)
         logged = metric_values(root, meta["mlflow_run_id"], "data/bad_corrupt_image")

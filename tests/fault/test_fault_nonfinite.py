@@ -93,3 +93,25 @@ def test_guard_counts_and_a_resumed_run_keeps_the_lowered_rates():
     assert guard.check(4, {"loss": float("nan")}) == SKIPPED
     with pytest.raises(TrainingHealthError, match=r"2 consecutive steps \(4\.\.5\).*max_rollbacks=1"):
         guard.check(5, {"loss": float("nan")})
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["ddp", "fsdp", "deepspeed"])
+def test_every_engine_skips_non_finite_updates_the_same_way(tmp_path, kind):
+    """The policy of flashdmd/engine/base.py under DDP, FSDP2 and ZeRO-3 (local: the test above): a NaN
+    gradient and an Inf loss with finite gradients each leave weights, Adam moments and the
+    schedule as the good step before left them; the next good step goes through."""
+    from engine_world import run_ranks
+    from nonfinite_world import poisoned_steps
+
+    out = run_ranks(1, poisoned_steps, kind, tmp=tmp_path)
+    weights = sorted(k[len("good1."):] for k in out if k.startswith("good1.w."))
+    assert weights
+    assert (out["good1.skipped"], out["good1.steps_done"]) == (0.0, 1.0)
+    for bad in ("nan_grad", "inf_loss"):
+        assert (out[f"{bad}.skipped"], out[f"{bad}.steps_done"]) == (1.0, 1.0), bad
+        assert torch.equal(out[f"{bad}.moments"], out["good1.moments"]), bad
+        assert all(torch.equal(out[f"{bad}.{w}"], out[f"good1.{w}"]) for w in weights), bad
+    assert (out["good2.skipped"], out["good2.steps_done"]) == (0.0, 2.0)
+    assert any(not torch.equal(out[f"good2.{w}"], out[f"good1.{w}"]) for w in weights)

@@ -1,13 +1,17 @@
 """flashdmd.infra.tracking against MLflow's SQLite store and a real ``mlflow server`` on 127.0.0.1.
 
-What is checked is read back with ``MlflowClient``: params, per-step metric history, tags,
-artifacts, the JSONL copy, continuation of a run id without duplicated steps, the stage-2 parent
-link, and no lost step across store outages at the start and in the middle of a run.
+What is checked is read back with ``MlflowClient``: params, per-step metric history, tags (the
+description, user, source and what the run is), the experiment's model-training kind, sample
+grids as MLflow images at their step with their prompts, artifacts, the JSONL copy, continuation
+of a run id without duplicated steps, the stage-2 parent link, and no lost step across store
+outages at the start and in the middle of a run.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from flashdmd.infra.tracking import (
     PARENT_TAG,
     NullTracker,
     Tracker,
+    grid_shape,
     image_grid,
     open_tracker,
     read_jsonl,
@@ -44,18 +49,35 @@ def history(client, run_id, key):
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
+def same_points(actual: list[tuple[int, float]], expected: list[tuple[int, float]]) -> bool:
+    """Equal steps, values equal to float32 precision (the SQLite store keeps doubles; be exact about steps)."""
+    return len(actual) == len(expected) and all(
+        sa == se and math.isclose(va, ve, rel_tol=1e-6, abs_tol=0.0) for (sa, va), (se, ve) in zip(actual, expected))
+
+
+def logged_images(client, run_id, key):
+    """{step: local PNG path} of the MLflow images logged under ``key`` (MLflow names them key+step+N+...)."""
+    out = {}
+    for item in client.list_artifacts(run_id, "images"):
+        name = item.path.split("/")[-1]
+        if name.startswith(f"{key}+step+") and name.endswith(".png"):
+            out[int(name.split("+")[2])] = item.path
+    return out
+
+
 @pytest.mark.slow  # each tracker starts a writer process that imports MLflow: seconds on a loaded machine
 def test_sqlite_store_holds_params_tags_metrics_artifacts_and_jsonl(run_root):
-    long_prompt = "a " * 4000  # 8000 characters: over MLflow's 6000-character param limit
+    long_prompt = ("a " * 1800).strip()  # two of them: over MLflow's 6000-character param limit
     cfg = make_cfg(
-        run_root, "basic", f"tracking.sample_prompts=[{long_prompt.strip()}]", "tracking.tags={team: vision}"
+        run_root, "basic", f"tracking.sample_prompts=[{long_prompt}, {long_prompt}]", "tracking.tags={team: vision}"
     )
     tracker = open_tracker(cfg, 0, None, flush_interval_s=0.1)
     assert isinstance(tracker, Tracker) and tracker.run_id
     for step in range(1, 6):
         tracker.log_metrics({"loss/dm": 1.0 / step, "lr/generator": 1e-4 * step}, step)
     images = torch.linspace(-1, 1, 4 * 3 * 8 * 8).reshape(4, 3, 8, 8)
-    tracker.log_images("grid", images, 5)
+    tracker.log_images("grid", images, 2, captions=["a", "b", "c", "d"])
+    tracker.log_images("grid", -images, 5, captions=["a", "b", "c", "d"])
     tracker.log_config(cfg)
     tracker.log_checkpoint(cfg.checkpoint_dir / "step_00000005", 5)
     tracker.close()
@@ -78,12 +100,24 @@ def test_sqlite_store_holds_params_tags_metrics_artifacts_and_jsonl(run_root):
     )
     assert tags["team"] == "vision" and len(tags["git_commit"]) in (0, 40)
     assert tags["checkpoint.step"] == "5" and tags["checkpoint.path"].endswith("step_00000005")
+    assert (tags["job"], tags["mode"], tags["mlflow.source.type"]) == ("stage1", "flash", "JOB")
+    assert tags["mlflow.user"] and tags["mlflow.source.name"]
+    assert "**stage1**" in tags["mlflow.note.content"] and "`flash`" in tags["mlflow.note.content"]
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3's training view
     assert history(client, tracker.run_id, "loss/dm") == [(s, 1.0 / s) for s in range(1, 6)]
-    assert history(client, tracker.run_id, "lr/generator") == pytest.approx([(s, 1e-4 * s) for s in range(1, 6)])
+    assert same_points(history(client, tracker.run_id, "lr/generator"), [(s, 1e-4 * s) for s in range(1, 6)])
 
-    # artifacts: the PNG grid holds the images, the YAML loads back to the same config
-    png = client.download_artifacts(tracker.run_id, "samples/grid/step_00000005.png", str(run_root / "dl"))
-    assert np.array_equal(np.asarray(Image.open(png)), image_grid(images))
+    # sample grids: MLflow images at their steps (the UI's slider), 2 x 2 without empty cells, tiles
+    # upscaled from 8 px to 256 px; the prompts beside them
+    shown = logged_images(client, tracker.run_id, "grid")
+    assert sorted(shown) == [2, 5]
+    png = client.download_artifacts(tracker.run_id, shown[5], str(run_root / "dl"))
+    assert np.array_equal(np.asarray(Image.open(png)), image_grid(-images, scale=32))
+    assert np.asarray(Image.open(png)).shape == (2 * 256 + 3 * 2, 2 * 256 + 3 * 2, 3)
+    prompts = client.download_artifacts(tracker.run_id, "samples/grid/prompts.txt", str(run_root / "dl"))
+    assert Path(prompts).read_text().splitlines()[1:] == ["1. a", "2. b", "3. c", "4. d"]
+    # artifacts: the YAML loads back to the same config
     config_yaml = client.download_artifacts(tracker.run_id, "config/config.yaml", str(run_root / "dl"))
     assert to_dict(from_yaml(Path(config_yaml).read_text())) == to_dict(cfg)
     repro = json.loads(
@@ -152,12 +186,16 @@ def test_other_ranks_get_a_null_tracker_and_bad_input_is_named(run_root):
     tracker.close()
 
 
-def test_image_grid_places_each_image():
+def test_image_grid_places_each_image_without_empty_cells():
     images = torch.stack([torch.full((3, 2, 2), v) for v in (-1.0, 0.0, 1.0)])
-    grid = image_grid(images)  # 2 x 2 cells of 2 px, 2 px padding around and between
-    assert grid.shape == (10, 10, 3) and grid.dtype == np.uint8
-    assert (grid[2:4, 2:4] == 0).all() and (grid[2:4, 6:8] == 128).all() and (grid[6:8, 2:4] == 255).all()
-    assert (grid[6:8, 6:8] == 0).all() and (grid[0:2] == 0).all() and (grid[:, 8:] == 0).all()
+    grid = image_grid(images)  # 1 x 3 cells of 2 px, 2 px padding around and between: no empty cell
+    assert grid.shape == (6, 14, 3) and grid.dtype == np.uint8
+    assert (grid[2:4, 2:4] == 0).all() and (grid[2:4, 6:8] == 128).all() and (grid[2:4, 10:12] == 255).all()
+    assert (grid[0:2] == 0).all() and (grid[4:] == 0).all() and (grid[:, 12:] == 0).all()
+    assert image_grid(images, scale=3).shape == (2 + 6 + 2, 2 + 3 * (6 + 2), 3)
+    for n in range(1, 40):
+        rows, cols = grid_shape(n)
+        assert rows * cols == n and rows <= cols and all(n % r for r in range(rows + 1, math.isqrt(n) + 1))
 
 
 @pytest.mark.slow
@@ -167,13 +205,21 @@ def test_real_server_outages_at_start_and_mid_run_lose_no_step(tmp_path, monkeyp
     server = MlflowServer(tmp_path / "server", port=free_port())
     cfg = make_cfg(tmp_path / "runs", "server", f"tracking.uri={server.uri}")
 
-    # 1. nobody listens yet: training goes on, the run appears once the server does
+    # 1. nobody listens yet: training goes on, the run appears once the server does. The calls
+    # return while no store exists at all (a call that waited on the store would never return
+    # before the server below is started), which is what "never waits on the store" means.
     tracker = open_tracker(cfg, 0, None, connect_timeout_s=5, flush_interval_s=0.1)
     assert tracker.run_id is None
-    started = time.perf_counter()
-    for step in range(1, 4):
-        tracker.log_metrics({"loss/g": float(step)}, step)
-    assert time.perf_counter() - started < 0.5  # never waits on the store
+    returned = threading.Event()
+
+    def log_three() -> None:
+        for step in range(1, 4):
+            tracker.log_metrics({"loss/g": float(step)}, step)
+        returned.set()
+
+    threading.Thread(target=log_three, daemon=True).start()
+    returned.wait()  # blocks forever, failing the test by its timeout, if a call waits on the store
+    assert tracker.run_id is None and server.proc is None  # the store was not touched
     server.start()
     try:
         assert tracker.flush(timeout_s=60) and tracker.run_id
@@ -196,8 +242,6 @@ def test_real_server_outages_at_start_and_mid_run_lose_no_step(tmp_path, monkeyp
         assert history(client, tracker.run_id, "loss/g") == [(s, float(s)) for s in range(1, 12)]
         run = client.get_run(tracker.run_id)
         assert run.info.status == "FINISHED" and run.data.params["model.family"] == "tiny-sdxl"
-        assert [a.path for a in client.list_artifacts(tracker.run_id, "samples/grid")] == [
-            "samples/grid/step_00000003.png"
-        ]
+        assert sorted(logged_images(client, tracker.run_id, "grid")) == [3]
     finally:
         server.stop()

@@ -81,3 +81,35 @@ def test_pipeline_dry_run_chains_stage2_on_stage1(tmp_path):
     assert "job:            stage2" in second and f"run directory:  {tmp_path}/exp-stage2" in second
     assert f"stage2.init_from: '' -> '{tmp_path}/exp-stage1'" in second
     assert "dependency:     afterok on the stage-1 job" in second
+
+
+def test_help_lists_jobs_presets_and_examples_without_importing_torch():
+    # parse first, import later: --help must not pay for torch (a checked behaviour, not a timing)
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['jobs/submit.py', '--help']\n"
+             "try:\n    runpy.run_path('jobs/submit.py', run_name='__main__')\n"
+             "except SystemExit:\n    pass\n"
+             "print('TORCH LOADED' if 'torch' in sys.modules else 'TORCH NOT LOADED')\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip().endswith("TORCH NOT LOADED")
+    from jobs.plan import JOBS
+
+    jobs = out.stdout.split("\njobs:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert [line.split()[0] for line in jobs] == list(JOBS)
+    assert all(len(line.split()) > 3 for line in jobs)  # each job says what it does
+    presets = sorted(p.stem for p in (ROOT / "jobs" / "configs").glob("*.yaml"))
+    listed = out.stdout.split("\npresets", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    assert [line.split()[0] for line in listed] == presets
+    assert "tiny-sdxl (default)" in out.stdout and "(default: tiny-sdxl)" in " ".join(out.stdout.split())
+    assert out.stdout.count("  python jobs/submit.py ") == 2
+    assert "``" not in out.stdout
+
+
+def test_help_examples_parse():
+    from jobs.submit import EXAMPLES, parse_args
+
+    for line in EXAMPLES.splitlines():
+        if line.strip().startswith("python jobs/submit.py"):
+            args = parse_args(line.split()[2:])
+            assert args.job == "stage1"

@@ -31,6 +31,12 @@ def _saved_bytes_and_grad(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[in
     return sum(seen.values()), out.detach(), x.grad
 
 
+def _assert_rounding_close(got: Tensor, want: Tensor) -> None:
+    """Equal up to fp32 rounding: batched kernels sum in another order (relative error ~1e-7)."""
+    error = float((got.double() - want.double()).norm() / want.double().norm())
+    assert error < 1e-5, error
+
+
 @pytest.fixture(scope="module")
 def vae() -> nn.Module:
     torch.manual_seed(0)
@@ -47,16 +53,16 @@ def test_decoder_checkpointing_saves_less_and_changes_nothing(vae: nn.Module) ->
     assert blocks[0] < plain[0] / 2, (blocks[0], plain[0])
     assert chunks[0] < blocks[0], (chunks[0], blocks[0])  # forward keeps only each chunk's latents
     for bytes_, out, grad in (blocks, chunks):
-        torch.testing.assert_close(out, plain[1], rtol=1e-4, atol=2e-5)
-        torch.testing.assert_close(grad, plain[2], rtol=1e-4, atol=2e-5)
+        _assert_rounding_close(out, plain[1])
+        _assert_rounding_close(grad, plain[2])
 
 
 def test_micro_batches_alone_change_nothing(vae: nn.Module) -> None:
     z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     _, whole, grad = _saved_bytes_and_grad(VAEDecoder(vae), z)
     _, sliced, sliced_grad = _saved_bytes_and_grad(VAEDecoder(vae, slice_size=2), z)
-    torch.testing.assert_close(sliced, whole, rtol=1e-4, atol=2e-5)
-    torch.testing.assert_close(sliced_grad, grad, rtol=1e-4, atol=2e-5)
+    _assert_rounding_close(sliced, whole)
+    _assert_rounding_close(sliced_grad, grad)
 
 
 def _sam(**overrides: float) -> SamBackbone:
@@ -85,8 +91,8 @@ def test_sam_checkpointing_runs_in_train_mode_and_changes_nothing() -> None:
     base = _saved_bytes_and_grad(plain, images)
     recomputed = _saved_bytes_and_grad(ckpt, images)
     assert recomputed[0] < base[0] * 0.7, (recomputed[0], base[0])
-    torch.testing.assert_close(recomputed[1], base[1], rtol=1e-4, atol=2e-5)
-    torch.testing.assert_close(recomputed[2], base[2], rtol=1e-4, atol=2e-5)
+    _assert_rounding_close(recomputed[1], base[1])
+    _assert_rounding_close(recomputed[2], base[2])
 
 
 def test_sam_checkpointing_refuses_an_encoder_with_dropout() -> None:

@@ -48,7 +48,7 @@ def test_gmm_stage1_records_run_and_hands_over(tmp_path: Path, cache: Path):
     run = client(tmp_path).get_run(meta["mlflow_run_id"])
     assert run.data.params["stage1.ttur"] == str(cfg.stage1.ttur)
     assert run.data.tags["family"] == "gmm2d"
-    history = client(tmp_path).get_metric_history(run.info.run_id, "loss_fake")
+    history = client(tmp_path).get_metric_history(run.info.run_id, "loss/fake")
     assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
     assert [m.step for m in client(tmp_path).get_metric_history(run.info.run_id, "eval/sw2")] == [3, 6]
     # TTUR: the generator steps on every ttur-th iteration, the fake score and D on every one
@@ -73,7 +73,7 @@ def test_resume_equals_uninterrupted(tmp_path: Path, cache: Path):
         assert torch.equal(uninterrupted[key], resumed[key]), key  # bitwise: the local engine restores everything
     meta = json.loads((cfg.run_dir / "final" / "handoff.json").read_text())
     assert meta["mlflow_run_id"] == first_run  # the same MLflow run continues
-    history = client(tmp_path).get_metric_history(first_run, "loss_fake")
+    history = client(tmp_path).get_metric_history(first_run, "loss/fake")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]  # no duplicated steps
     assert json.loads((cfg.checkpoint_dir / "step-00000006" / "trainer.json").read_text())["updates"]["fake_score"] == 6
 

@@ -25,7 +25,7 @@ def train_save(kind: str, n: int, save_at: int, ckpt_dir: str) -> dict[str, Tens
         if save_at and step + 1 == save_at:
             save_checkpoint(engine, ckpt_dir, save_at, trainer={"mlflow_run_id": "run-1"},
                             rank_state={"position": 10 * save_at + engine.rank})
-            out.update(flatten(full_weights(engine), prefix="s."))
+            out.update({k: v.clone() for k, v in flatten(full_weights(engine), prefix="s.").items()})
     out.update(flatten(full_weights(engine), prefix="w."))
     return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from engine_world import make_engine
 from flashdmd.engine.base import OptimSpec
@@ -13,8 +14,8 @@ from flashdmd.engine.base import OptimSpec
 def _moments(engine, name: str) -> Tensor:
     """This rank's Adam moments of ``name``, flattened (whatever optimizer object holds them)."""
     opt = engine.optimizers[name] if hasattr(engine, "optimizers") else engine.engines[name].optimizer.optimizer
-    return torch.cat([v.detach().flatten().float() for s in opt.state.values() for v in s.values()
-                      if isinstance(v, Tensor) and v.dim() > 0])
+    local = [v.to_local() if isinstance(v, DTensor) else v for s in opt.state.values() for v in s.values()]
+    return torch.cat([v.detach().flatten().float() for v in local if isinstance(v, Tensor) and v.dim() > 0])
 
 
 def poisoned_steps(kind: str) -> dict[str, Tensor]:
@@ -26,17 +27,14 @@ def poisoned_steps(kind: str) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
 
     def run(tag: str, poison: str = "") -> None:
-        loss = engine["net"](x).pow(2).mean()
-        handle = None
-        if poison == "grad":
-            first = next(p for p in engine["net"].parameters() if p.requires_grad)
-            handle = first.register_hook(lambda g: g * float("nan"))
-        elif poison == "loss":
+        y = engine["net"](x)
+        if poison == "grad":  # on the activation: sharded parameters get their gradients outside autograd
+            y.register_hook(lambda g: g * float("nan"))
+        loss = y.pow(2).mean()
+        if poison == "loss":
             loss = loss + float("inf")  # finite gradients, infinite loss
         engine.backward("net", loss)
         stats = engine.step("net")
-        if handle is not None:
-            handle.remove()
         weights = engine.full_state_dict("net")
         out[f"{tag}.skipped"] = torch.tensor(stats.get("skipped", 0.0))
         out[f"{tag}.steps_done"] = torch.tensor(float(engine.schedules["net"].steps_done))

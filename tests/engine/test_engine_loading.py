@@ -1,0 +1,140 @@
+"""Loading that scales, on 2 gloo ranks (tiny-sdxl, FSDP2 and ZeRO-3): the students are built on
+the meta device, and no rank allocates more than its shard of them at any point of setup; the
+loaded weights equal a single-process load bit for bit.
+
+Allocated bytes are counted, not RSS: a TorchDispatchMode sees every tensor an aten op creates,
+follows each storage until it is freed (a finalizer on the storage), and the peak of the live
+total is taken over the whole of ``engine.setup``. Storages that outlive setup and back no
+parameter are the optimizer's own shard-sized state (DeepSpeed's fp32 master and gradient
+partitions); they are left out, every transient allocation (a full tensor materialised and then
+sharded, zero.Init's one module at a time) is counted.
+"""
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from engine_world import run_ranks
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+class AllocationLog(TorchDispatchMode):
+    """Every storage created by an aten op inside, with the order of allocations and frees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[int, int]] = []  # (+bytes | -bytes, storage key)
+        self.live: dict[int, int] = {}
+
+    def _freed(self, key: int) -> None:
+        self.events.append((-self.live.pop(key), key))
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor) and not t.is_meta and type(t) is Tensor:
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if storage.nbytes() and key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.events.append((storage.nbytes(), key))
+                    weakref.finalize(storage, self._freed, key)
+        return out
+
+    def peak(self, exclude: set[int]) -> int:
+        total = best = 0
+        for delta, key in self.events:
+            if key not in exclude:
+                total += delta
+                best = max(best, total)
+        return best
+
+
+def _param_storages(engine: Any, names: list[str]) -> set[int]:
+    """Storage keys that back the trainable parameters after setup (local shards / partitions)."""
+    keys = set()
+    for name in names:
+        module = engine[name]
+        module = getattr(module, "module", module)
+        for p in module.parameters():
+            local = p.ds_tensor if hasattr(p, "ds_tensor") else getattr(p, "_local_tensor", p)
+            keys.add(local.untyped_storage().data_ptr())
+    return keys
+
+
+def load_run(kind: str, cache: str) -> dict[str, Tensor]:
+    """Spawned: build tiny-sdxl's students lazily, set them up under ``kind``, report bytes and weights."""
+    from flashdmd.algo.optim import optim_specs
+    from flashdmd.config import load_config
+    from flashdmd.engine.factory import build_engine
+    from flashdmd.nets.registry import build_parts
+
+    cfg = load_config("tiny-sdxl", [f"engine.kind={kind}", f"model.cache_dir={cache}", "model.lora.enabled=false"])
+    parts = build_parts(cfg, Path(cache))
+    students = {"generator": parts.generator, "fake_score": parts.fake_score}
+    full = sum(p.numel() * 4 for m in students.values() for p in m.parameters())
+    held = sum(p.untyped_storage().nbytes() for m in students.values() for p in m.parameters() if not p.is_meta)
+    largest = max(p.numel() * 4 for m in students.values() for p in m.parameters())
+    engine = build_engine(cfg)
+    # this rank's share: dim-0 rows split evenly, padded up (FSDP2's layout; ZeRO-3's flat split is no larger)
+    shard = sum(-(-p.shape[0] // engine.world_size) * (p.numel() // p.shape[0]) * 4 if p.dim() else 4
+                for m in students.values() for p in m.parameters())
+    specs = {name: spec for name, spec in optim_specs(cfg).items() if name in students}
+    with AllocationLog() as log:
+        engine.setup(students, specs, {})
+    params = _param_storages(engine, list(students))
+    persistent = set(log.live) - params  # optimizer-side state that stays (masters, gradient partitions)
+    out = {"full_bytes": torch.tensor(full), "shard_bytes": torch.tensor(shard), "held_after_build": torch.tensor(held),
+           "largest_tensor": torch.tensor(largest), "peak": torch.tensor(log.peak(persistent)),
+           }
+    for name in students:
+        out.update({f"{name}.{k}": v for k, v in engine.full_state_dict(name).items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from flashdmd.config import load_config
+    from flashdmd.nets.registry import build_parts
+
+    folder = tmp_path_factory.mktemp("loading-cache")
+    build_parts(load_config("tiny-sdxl", [f"model.cache_dir={folder}", "model.lora.enabled=false"]), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def single_process(cache: Path) -> dict[str, dict[str, Tensor]]:
+    from flashdmd.config import load_config
+    from flashdmd.nets.registry import build_parts
+
+    parts = build_parts(load_config("tiny-sdxl", [f"model.cache_dir={cache}", "model.lora.enabled=false"]), cache)
+    return {"generator": parts.generator.state_dict(), "fake_score": parts.fake_score.state_dict(),
+            "teacher": parts.teacher.state_dict()}
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "deepspeed"])
+def test_each_rank_allocates_only_its_shard_and_loads_exact_weights(kind: str, cache: Path, tmp_path: Path,
+                                                                    single_process: dict) -> None:
+    run = run_ranks(2, load_run, kind, str(cache), tmp=tmp_path)
+    full, shard = int(run.pop("full_bytes")), int(run.pop("shard_bytes"))
+    assert int(run.pop("held_after_build")) == 0  # the registry built the students without storage
+    peak, largest = int(run.pop("peak")), int(run.pop("largest_tensor"))
+    # its shard of both students, plus one tensor in flight (a read slice; zero.Init's module)
+    assert peak <= shard + largest, (peak, shard, largest)
+    assert peak < 0.75 * full, (peak, full)  # a full materialisation anywhere would show here
+    for name in ("generator", "fake_score"):
+        want = single_process[name]
+        got = {k[len(name) + 1:]: v for k, v in run.items() if k.startswith(name + ".")}
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert torch.equal(got[key], value), key  # bit for bit
+    teacher = single_process["teacher"]
+    assert all(torch.equal(single_process["generator"][k], v.float()) for k, v in teacher.items())
