@@ -162,11 +162,17 @@ def preflight_problems(cfg: Config, job: str, init_from_pending: bool = False) -
             problems += _data_problems(cfg)
     if job == "stage2":
         problems += _stage2_problems(cfg, init_from_pending)
+    if job == "synth" and not cfg.synth.prompts:
+        problems.append("synth.prompts is empty: the synth job needs a text/JSONL prompt file or prompt shards")
     for key, value, folder in (("eval.prompts", cfg.eval.prompts, False),
                                ("eval.reference_images", cfg.eval.reference_images, None),
-                               ("sample.prompts_file", cfg.sample.prompts_file, False)):
+                               ("sample.prompts_file", cfg.sample.prompts_file, False),
+                               ("synth.prompts", cfg.synth.prompts, None),
+                               ("synth.pipeline", cfg.synth.pipeline, True),
+                               ("synth.filter_weights", cfg.synth.filter_weights, None)):
         if value and is_local_path(value) and not any(c in value for c in "{*?"):
-            problems.append(_path_problem(key, value, "this file" if folder is False else "this path", folder))
+            what = {False: "this file", True: "this local folder", None: "this path"}[folder]
+            problems.append(_path_problem(key, value, what, folder))
     return [p for p in problems if p]
 
 

@@ -1,11 +1,13 @@
-"""Random-weight metric models for the evaluation tests, written with save_pretrained like real ones:
-a tiny CLIP (CLIP score, PickScore, HPSv2, FD) and a tiny BLIP + ImageReward head."""
+"""Random-weight metric models for the evaluation tests, in the layout of each real release: a tiny
+CLIP (CLIP score, PickScore, FD-CLIP; save_pretrained), a tiny ImageReward release (its ``.pt``
+state dict), a tiny HPSv2 release (an open_clip state dict), a tiny MPS release and the FID
+Inception (torch-fidelity's module keys)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from flashdmd.nets.tiny import tiny_clip_tokenizer
 
@@ -28,24 +30,57 @@ def tiny_clip(folder: Path) -> Path:
     return folder
 
 
-def tiny_image_reward(folder: Path, prompts: list[str]) -> Path:
-    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval
+TINY = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+def image_reward_release(folder: Path, prompts: list[str]) -> Path:
+    """A random-weight ImageReward release in its real layout: ``ImageReward.pt`` (a plain state dict
+    with BLIP's original ViT names, BLIP's BERT, the projections and ``mlp.layers.*``), ``med_config.json``
+    and a BERT ``vocab.txt`` of the prompts' words. The text encoder is built with transformers'
+    BlipTextModel, whose tensor names are those of BLIP's own BERT."""
+    from transformers import BlipTextConfig, BlipTextModel
 
     from flashdmd.eval.image_reward import reward_head
 
     folder.mkdir(parents=True, exist_ok=True)
     words = sorted({w for p in prompts for w in p.split()})
     (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
-    sizes = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}
-    text = {**sizes, "vocab_size": len(tokenizer), "encoder_hidden_size": 32, "max_position_embeddings": 40}
-    vision = {**sizes, "image_size": 32, "patch_size": 8}
+    med = {**TINY, "vocab_size": len(words) + 7, "max_position_embeddings": 40, "layer_norm_eps": 1e-12,
+           "hidden_act": "gelu", "add_cross_attention": True, "encoder_width": 32}  # + [DEC], [ENC]
+    (folder / "med_config.json").write_text(json.dumps(med))
     torch.manual_seed(0)
-    BlipForImageTextRetrieval(BlipConfig(text_config=text, vision_config=vision)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    head = reward_head(32)
-    save_file({f"layers.{k}": v.contiguous() for k, v in head.state_dict().items()}, str(folder / "mlp.safetensors"))
+    text = BlipTextModel(BlipTextConfig(**{k: v for k, v in med.items() if k != "encoder_width"},
+                                        encoder_hidden_size=32), add_pooling_layer=False)
+    release = {f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()}
+    release["blip.text_encoder.embeddings.position_ids"] = torch.arange(40)[None]  # a persistent buffer in BLIP's BERT
+    width, patch, tokens = 32, 8, (32 // 8) ** 2 + 1
+
+    def rand(*shape: int, scale: float = 0.2) -> torch.Tensor:
+        return torch.randn(*shape) * scale
+
+    vit = {"cls_token": rand(1, 1, width), "pos_embed": rand(1, tokens, width),
+           "patch_embed.proj.weight": rand(width, 3, patch, patch, scale=0.05), "patch_embed.proj.bias": rand(width),
+           "norm.weight": 1 + rand(width), "norm.bias": rand(width)}
+    for i in range(2):
+        for name, shape in (("norm1", (width,)), ("norm2", (width,)), ("attn.qkv", (3 * width, width)),
+                            ("attn.proj", (width, width)), ("mlp.fc1", (48, width)), ("mlp.fc2", (width, 48))):
+            vit[f"blocks.{i}.{name}.weight"] = 1 + rand(*shape) if len(shape) == 1 else rand(*shape)
+            vit[f"blocks.{i}.{name}.bias"] = rand(shape[0])
+    release |= {f"blip.visual_encoder.{k}": v for k, v in vit.items()}
+    release |= {"blip.vision_proj.weight": rand(16, width), "blip.vision_proj.bias": rand(16),
+                "blip.text_proj.weight": rand(16, 32), "blip.text_proj.bias": rand(16)}
+    release |= {f"mlp.layers.{k}": rand(*v.shape, scale=0.3) for k, v in reward_head(32).state_dict().items()}
+    torch.save(release, folder / "ImageReward.pt")
     return folder
+
+
+def tiny_image_reward(folder: Path, prompts: list[str]) -> Path:
+    """The tiny ImageReward release converted with data_tools/convert_image_reward.py (eval.weights.image_reward)."""
+    from data_tools.convert_image_reward import convert
+
+    release = image_reward_release(folder / "release", prompts)
+    return convert(release / "ImageReward.pt", release / "med_config.json", folder / "converted",
+                   tokenizer=str(release), vision_heads=4)
 
 
 def fid_inception_weights(path: Path, seed: int = 0) -> Path:
