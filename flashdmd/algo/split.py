@@ -6,7 +6,7 @@ The rule reproduces the paper's SDXL 4-step split ({999, 749, 499} / {249}: SNR(
 SNR(249) = 2.08) and gives SD3's sigma = 0.5 step (SNR exactly 1) to DM, as spec 1.3 suggests
 ("first three steps"). For the 8-step SDXL schedule the rule puts 374 (SNR 0.875) in DM; the
 sdxl-8step preset lists {374, 249, 124} as GAN steps explicitly (spec 6 #11).
-DMD2 mode: both losses on every step (the baseline, spec 4.2).
+DMD2 modes (dmd2, dmd2_pixelgan): both losses on every step (the baseline, spec 4.2).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from flashdmd.diffusion.schedules import Schedule
 def split_steps(cfg: Stage1Config, schedule: Schedule) -> tuple[list[int], list[int]]:
     """(DM steps, GAN steps), each in schedule order (noisiest first)."""
     steps = list(cfg.student_timesteps)
-    if cfg.mode == "dmd2":
+    if cfg.mode != "flash":  # dmd2, dmd2_pixelgan: both losses on every step
         return steps, steps
     if cfg.dm_steps or cfg.gan_steps:
         dm = set(cfg.dm_steps) if cfg.dm_steps else set(steps) - set(cfg.gan_steps)

@@ -9,25 +9,33 @@ Per iteration, in this order (spec 1.10):
    step's own input state (``rollout_state``), re-noises to t_hat, and runs G(x_hat, t_hat)
    with grad through the frozen decoder and discriminator. One optimizer step on
    L_G = dm_weight L_DMD + gan_weight L_AdvGen, then the EMA pull psi <- lam psi + (1 - lam) theta
-   (Eq. 11; flash mode only);
+   (Eq. 11) when ``fake_ema`` is on;
 2. fake-score turn (every iteration): native denoising loss on the DM-branch outputs, t ~ U[0, T);
 3. discriminator turn (every iteration): hinge (or non-saturating) loss, real pixels vs the
    decoded GAN-branch outputs; only the heads (requires_grad) are optimised.
 
+The GAN branch runs on the first ``stage1.gan_batch_fraction`` of the batch (at least one
+sample), the discriminator on the same share of the real pixels.
+
 DMD2 baseline (``mode=dmd2``, spec 4): one step tau_k drawn from all student steps, both losses
-on the same x0_k, no EMA pull, TTUR as configured (DMD2 uses 5). Departure from DMD2: its GAN
-classifier is a head on the fake-score UNet trained jointly with the score loss; here the
-baseline reuses the Pixel-GAN discriminator, so the comparison isolates the timestep-aware split
-and the EMA pull, not the discriminator design.
+on the same x0_k, TTUR as configured, and DMD2's own GAN: a classifier head on the fake score's
+bottleneck features trained with the fake score (flashdmd/algo/dmd2.py); the discriminator turn
+is then part of the fake-score turn. DMD2's recipe adds ``fake_ema=false ttur=5
+gan_loss=nonsaturating``: every setting is honoured in every mode, so the resolved config says
+what ran (``fake_ema=true`` in dmd2 mode is DMD2 plus Flash-DMD's pull, an ablation).
+``mode=dmd2_pixelgan``: the same schedule of losses with the Pixel-GAN on the decoded x0_k, the
+ablation that isolates the timestep-aware split from the discriminator design.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from flashdmd.algo.batch import Batch
+from flashdmd.algo.dmd2 import Dmd2Classifier
 from flashdmd.algo.rng import control_rng, noise_generator
 from flashdmd.algo.split import split_steps
 from flashdmd.config import Stage1Config
@@ -35,6 +43,7 @@ from flashdmd.diffusion.rollout import backward_simulate, continue_from, predict
 from flashdmd.diffusion.sampler import cfg_predict
 from flashdmd.engine.base import Engine
 from flashdmd.losses import d_loss, denoising_loss, dmd_loss, g_loss
+from flashdmd.nets.interfaces import take_cond
 from flashdmd.nets.parts import Parts
 
 
@@ -58,12 +67,15 @@ class Stage1:
         self.schedule = parts.schedule
         self.steps = list(cfg.student_timesteps)
         self.dm_steps, self.gan_steps = split_steps(cfg, self.schedule)
+        self.classifier = Dmd2Classifier(cfg, parts, engine) if cfg.mode == "dmd2" else None
+        # networks that pass the generator's gradient through but learn nothing from it
+        self.critics = ("fake_score", "discriminator") if self.classifier else ("discriminator",)
 
     # -- control flow ---------------------------------------------------------------------------
     def plan(self, step: int) -> Plan:
         rng = control_rng(self.seed, step, "stage1")
         dm_index = self.steps.index(rng.choice(self.dm_steps))
-        if self.cfg.mode == "dmd2" or not self.gan_steps:
+        if self.cfg.mode != "flash" or not self.gan_steps:
             return Plan(dm_index, None)
         return Plan(dm_index, self.steps.index(rng.choice(self.gan_steps)))
 
@@ -78,7 +90,7 @@ class Stage1:
         metrics: dict[str, Tensor] = {}
         floats: dict[str, float] = {}
         if update_generator:
-            with self.engine.frozen("discriminator"):
+            with self.engine.frozen(*self.critics):
                 samples, loss_g = self._generator_losses(plan, batch, gen, metrics)
                 self.engine.backward("generator", loss_g)
             floats.update(prefixed("generator", self.engine.step("generator")))
@@ -86,15 +98,15 @@ class Stage1:
         else:
             with torch.no_grad():
                 samples = self._generator_samples(plan, batch, gen)
-        floats.update(prefixed("fake_score", self._fake_score_turn(samples.x0_dm, batch, gen, metrics)))
+        floats.update(self._fake_score_turn(samples.x0_dm, batch, gen, metrics))
         if samples.fake_images is not None:
             floats.update(prefixed("discriminator", self._discriminator_turn(samples.fake_images, batch, metrics)))
         return {**dict(zip(metrics, torch.stack([v.detach().float() for v in metrics.values()]).tolist())), **floats}
 
     def pull_fake_score(self) -> None:
-        """psi <- lam psi + (1 - lam) theta (Eq. 11, spec 1.7): after each generator update, in
-        flash mode with ``fake_ema`` on (the DMD2 baseline has no pull)."""
-        if self.cfg.mode == "flash" and self.cfg.fake_ema:
+        """psi <- lam psi + (1 - lam) theta (Eq. 11, spec 1.7) after each generator update, with
+        ``fake_ema`` on (DMD2's recipe turns it off)."""
+        if self.cfg.fake_ema:
             self.engine.ema_("fake_score", "generator", self.cfg.fake_ema_decay)
 
     # -- generator ----------------------------------------------------------------------------
@@ -106,20 +118,26 @@ class Stage1:
         return predict_x0(G, self.schedule, x_k, self.steps[plan.dm_index], batch.cond)
 
     def _gan_output(self, plan: Plan, x0_dm: Tensor, batch: Batch, gen: torch.Generator) -> Tensor:
-        """G(x_hat, t_hat) on an inference-like input (spec 1.4 step 4); grad if enabled."""
+        """G(x_hat, t_hat) on an inference-like input (spec 1.4 step 4); grad if enabled.
+
+        Runs on the first ``gan_share(n)`` samples only: the branch's no-grad rollout, its second
+        generator forward and backward, the decode and the discriminator are its cost, and with
+        a share below 1 the Pixel-GAN term is estimated on fewer samples (an unbiased mean)."""
         G = self.engine["generator"]
         j = plan.gan_index
+        m = gan_share(self.cfg.gan_batch_fraction, batch.size)
+        cond = take_cond(batch.cond, slice(0, m))
         if self.cfg.gan_input == "rollout_to_zero":
             stop = len(self.steps)  # x_0 = Detach(B(x_{t1}, 0)), then forward diffusion to t_hat
         else:
             stop = max(j, plan.dm_index + 1)  # the rollout's own state at t_hat
-        x0_src = continue_from(G, self.schedule, x0_dm.detach(), self.steps, plan.dm_index, stop, batch.cond, gen)
+        x0_src = continue_from(G, self.schedule, x0_dm[:m].detach(), self.steps, plan.dm_index, stop, cond, gen)
         x_hat = renoise(self.schedule, x0_src, self.steps[j], gen)
-        return predict_x0(G, self.schedule, x_hat, self.steps[j], batch.cond)
+        return predict_x0(G, self.schedule, x_hat, self.steps[j], cond)
 
     def _generator_samples(self, plan: Plan, batch: Batch, gen: torch.Generator) -> Samples:
         x0_dm = self._dm_output(plan, batch, gen)
-        if self.cfg.mode == "dmd2":
+        if self.cfg.mode == "dmd2_pixelgan":
             return Samples(x0_dm.detach(), self.engine["decoder"](x0_dm).detach())
         if plan.gan_index is None:
             return Samples(x0_dm.detach(), None)
@@ -132,7 +150,10 @@ class Stage1:
         x0_dm = self._dm_output(plan, batch, gen)
         metrics["loss_dmd"] = loss_dmd = self._dmd_loss(x0_dm, batch, gen)
         loss = self.cfg.dm_weight * loss_dmd
-        if self.cfg.mode == "dmd2":
+        if self.classifier is not None:
+            metrics["loss_gan_g"] = loss_adv = self.classifier.generator_loss(x0_dm, batch, gen)
+            return Samples(x0_dm.detach(), None), loss + self.cfg.gan_weight * loss_adv
+        if self.cfg.mode == "dmd2_pixelgan":
             x0_gan = x0_dm  # the baseline: both losses on the same output
         elif plan.gan_index is not None:
             x0_gan = self._gan_output(plan, x0_dm, batch, gen)
@@ -165,17 +186,29 @@ class Stage1:
         noise = randn(x0.shape, gen, like=x0)
         pred = self.engine["fake_score"](sch.add_noise(x0, noise, t), t, batch.cond)
         metrics["loss_fake"] = loss = denoising_loss(pred, sch.target(x0, noise, t))
+        if self.classifier is None:
+            self.engine.backward("fake_score", loss)
+            return prefixed("fake_score", self.engine.step("fake_score"))
+        # DMD2: the classifier loss trains the fake score and the head in one backward (spec 4.2)
+        loss = loss + self.cfg.fake_cls_weight * self.classifier.critic_loss(x0, batch, gen, metrics)
         self.engine.backward("fake_score", loss)
-        return self.engine.step("fake_score")
+        return {**prefixed("fake_score", self.engine.step("fake_score")),
+                **prefixed("discriminator", self.engine.step("discriminator"))}
 
     def _discriminator_turn(self, fake_images: Tensor, batch: Batch, metrics: dict[str, Tensor]) -> dict[str, float]:
         """Spec 1.8: L_D on real pixels vs decoded generator outputs (heads only are trainable)."""
         D = self.engine["discriminator"]
-        real_logits, fake_logits = D(batch.real), D(fake_images)
+        real = batch.real[:gan_share(len(fake_images) / batch.size, len(batch.real))]  # the fakes' share
+        real_logits, fake_logits = D(real), D(fake_images)
         metrics["loss_d"] = loss = d_loss(self.cfg.gan_loss, real_logits, fake_logits)
         metrics["d_real"], metrics["d_fake"] = real_logits.mean(), fake_logits.mean()
         self.engine.backward("discriminator", loss)
         return self.engine.step("discriminator")
+
+
+def gan_share(fraction: float, n: int) -> int:
+    """How many of ``n`` samples the GAN branch runs on (``stage1.gan_batch_fraction``), at least one."""
+    return max(1, math.ceil(fraction * n - 1e-9))
 
 
 def prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:

@@ -108,7 +108,7 @@ def load_pipeline(cfg: Config, device: torch.device) -> tuple[Any, str]:
 
     source = cfg.synth.pipeline or str(teacher_source(cfg))
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype_of(cfg))
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype_of(cfg))
     except (OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise ConfigError(f"synth.pipeline: cannot load a diffusers pipeline from {source!r} ({first})") from None

@@ -18,7 +18,9 @@ GUIDANCE = {"ge": 0.0, "le": 100.0}
 class Stage1Config:
     """Timestep-aware distillation (spec section 1)."""
 
-    mode: Literal["flash", "dmd2"] = "flash"  # dmd2 = the baseline: both losses on every step
+    # dmd2: the real DMD2 baseline (spec 4: classifier head on the fake score's bottleneck, both
+    # losses at every step); dmd2_pixelgan: the ablation with the Pixel-GAN in its place
+    mode: Literal["flash", "dmd2", "dmd2_pixelgan"] = "flash"
     student_timesteps: list[int] = setting([999, 749, 499, 249], min_len=1, max_len=1000)  # spec 1.2
     dm_steps: list[int] = setting([])  # [] -> SNR(t) <= 1 [INF] (spec 1.3; flashdmd/algo/split.py)
     gan_steps: list[int] = setting([])  # [] -> SNR(t) > 1 [INF]
@@ -35,6 +37,7 @@ class Stage1Config:
     # share of the batch the GAN branch (G forward, VAE decode, SAM) runs on: a memory saver
     gan_batch_fraction: float = setting(1.0, gt=0, le=1)
     gan_loss: Literal["hinge", "nonsaturating"] = "hinge"  # spec 1.8
+    fake_cls_weight: float = setting(1e-2, ge=0, le=1e6)  # dmd2 mode: guidance_cls_loss weight (spec 4.2)
     generator_lr: float = setting(1e-6, **RATE)  # [INF] spec 6 #1
     fake_lr: float = setting(1e-6, **RATE)
     disc_lr: float = setting(1e-5, **RATE)

@@ -8,13 +8,17 @@ differ in the weights and the scale:
   ViT-g-14 laion2b_s34b_b88k; this is its transformers release].
 * ``pickscore``: ``logit_scale.exp() * cos / 100``, i.e. the paper's scale (0.2265, spec 5), with
   PickScore_v1 weights and the ViT-H/14 tokenizer and image processor they were trained with.
-* ``hpsv2``: ``cos`` (HPSv2's own score, ~0.29 in spec 5).  The official weights are an open_clip
-  pickle (``HPS_v2.1_compressed.pt``), which flashdmd does not unpickle: there is no default, and
-  ``eval.weights.hpsv2`` must name a transformers ``CLIPModel`` folder converted from them.
+* ``hpsv2``: ``cos`` (HPSv2's own score, ~0.29 in spec 5).  The release (``HPS_v2.1_compressed.pt``)
+  is an open_clip ViT-H-14 state dict: ``data_tools/convert_hpsv2.py`` reads it with
+  ``weights_only=True`` once and writes the transformers ``CLIPModel`` folder that
+  ``eval.weights.hpsv2`` names (no default: the hub has no such folder).
 
 Departure: images are resized and cropped in torch (bicubic with antialiasing) from the sampler's
 float output instead of through PIL on uint8 images, so scores differ from the reference
-implementations in the last digits.  Weights load from safetensors only.
+implementations in the last digits (not at all when the images already have the model's size), and
+HPSv2's prompts go through transformers' CLIP tokenizer (the same BPE as open_clip's, without its
+ftfy text repair).  Weights load from safetensors, or from a ``pytorch_model.bin`` that transformers
+reads with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ class ClipEncoder:
 
         check_source(source)
         try:
-            self.model = CLIPModel.from_pretrained(source, use_safetensors=True).to(device).eval()
+            self.model = CLIPModel.from_pretrained(source).to(device).eval()
         except (OSError, ValueError) as err:
             raise MetricUnavailable(f"cannot load CLIP weights from {source!r} ({_first_line(err)})") from None
         self.device = device
@@ -128,6 +132,6 @@ def build_pickscore(source: str, device: torch.device, cfg: EvalConfig) -> ClipS
     return ClipSimilarity(encoder, scale=float(encoder.model.logit_scale.detach().exp()) / 100.0, clamp_zero=False)
 
 
-@register("hpsv2", "", "HPSv2", "HPSv2 cos(image, text) from a converted transformers CLIPModel")
+@register("hpsv2", "", "HPSv2", "HPSv2 cos(image, text); weights: data_tools/convert_hpsv2.py of the release")
 def build_hpsv2(source: str, device: torch.device, cfg: EvalConfig) -> ClipSimilarity:
     return ClipSimilarity(ClipEncoder(source, device), scale=1.0, clamp_zero=False)

@@ -4,10 +4,11 @@ ImageReward is BLIP (ViT image encoder; BERT text encoder cross-attending to the
 with an MLP head on the text encoder's first token, standardized by fixed constants:
 ``reward = (mlp(text_encoder(prompt, image)[:, 0]) - 0.16717362830052426) / 1.0333394966054072``.
 
-The official weights (``THUDM/ImageReward``, ``ImageReward.pt``) are a pickle that flashdmd does
-not unpickle, so there is no default: ``eval.weights.image_reward`` names a folder holding a
-transformers ``BlipForImageTextRetrieval`` (``save_pretrained``, safetensors), its tokenizer, and
-``mlp.safetensors`` with the head (``layers.{0,2,4,6,7}.{weight,bias}``, ImageReward's MLP layout).
+The release (``THUDM/ImageReward``: ``ImageReward.pt``, a plain state dict of BLIP's original
+layout, and ``med_config.json``) is converted once by ``data_tools/convert_image_reward.py``
+(``weights_only=True``) into the folder ``eval.weights.image_reward`` names: a transformers
+``BlipForImageTextRetrieval`` (safetensors), its tokenizer, and ``mlp.safetensors`` with the head
+(``layers.{0,2,4,6,7}.{weight,bias}``, ImageReward's MLP layout). There is no default.
 Images are resized to the vision model's size (bicubic, torch) with CLIP's mean and std, as
 ImageReward's own transform does on PIL images.
 """
@@ -44,7 +45,8 @@ class ImageReward(MeanScore):
         folder = Path(source)
         if not (folder / "mlp.safetensors").is_file():
             raise MetricUnavailable(
-                f"{source!r} is not an ImageReward folder (BlipForImageTextRetrieval + tokenizer + mlp.safetensors)"
+                f"{source!r} is not an ImageReward folder (BlipForImageTextRetrieval + tokenizer + mlp.safetensors); "
+                "make one from the release with data_tools/convert_image_reward.py"
             )
         try:
             blip = BlipForImageTextRetrieval.from_pretrained(folder, use_safetensors=True)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from flashdmd.config import Config, GMMConfig
 from flashdmd.diffusion.schedules import Schedule, VPSchedule
+from flashdmd.nets.dmd2_classifier import with_mode_discriminator
 from flashdmd.nets.interfaces import Conditioning
 from flashdmd.nets.parts import Parts
 
@@ -75,12 +76,18 @@ class TimeMLP(nn.Module):
         super().__init__()
         self.T = num_train_timesteps
         self.num_freqs = num_freqs
+        self.hidden = hidden
         self.net = nn.Sequential(
             nn.Linear(2 + 2 * num_freqs + 1, hidden), nn.SiLU(),
             nn.Linear(hidden, hidden), nn.SiLU(),
             nn.Linear(hidden, hidden), nn.SiLU(),
             nn.Linear(hidden, 2),
         )
+
+    @property
+    def bottleneck(self) -> nn.Module:
+        """The last hidden layer's activation: DMD2's classifier reads it (flashdmd/nets/dmd2_classifier.py)."""
+        return self.net[-2]
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         # time features in fp32 from constants (not a buffer, which a cast to bf16 would round),
@@ -105,6 +112,10 @@ class LinearDecoder(nn.Module):
 
     def forward(self, latents: Tensor) -> Tensor:
         return latents @ self.matrix.T + self.offset
+
+    def encode(self, images: Tensor) -> Tensor:
+        """The exact inverse (the toy's VAE encoder): real "pixels" back to latents."""
+        return torch.linalg.solve(self.matrix, (images - self.offset).T).T
 
 
 class RandomFeatureDiscriminator(nn.Module):
@@ -215,18 +226,21 @@ def build_gmm_parts(cfg: Config, cache_dir: Path) -> Parts:
     generator = copy.deepcopy(teacher).requires_grad_(True).train()
     fake_score = copy.deepcopy(teacher).requires_grad_(True).train()
     reward = GMMReward(gmm.means[cfg.model.gmm.reward_mode], gmm.std, schedule)
-    return Parts(
+    decoder = LinearDecoder().requires_grad_(False)
+    parts = Parts(
         family="gmm2d",
         schedule=schedule,
         latent_shape=(2,),
         teacher=teacher,
         generator=generator,
         fake_score=fake_score,
-        decoder=LinearDecoder().requires_grad_(False),
+        decoder=decoder,
         discriminator=RandomFeatureDiscriminator(seed=cfg.seed),
         encode_prompts=lambda prompts: {},
         null_cond=lambda n: {},
         reward=reward.requires_grad_(False),
+        encode_images=decoder.encode,
         exact=gmm,
         extras={"gmm": gmm, "reward_mode": cfg.model.gmm.reward_mode},
     )
+    return with_mode_discriminator(cfg, parts)

@@ -8,7 +8,6 @@ before any weights are read, with a message naming the path and the expected lay
 """
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,8 +142,3 @@ def freeze(module: nn.Module) -> nn.Module:
     module.requires_grad_(False)
     return module
 
-
-def frozen_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A frozen copy in ``dtype`` (spec 2.4's reference policy: held like the other frozen nets,
-    in the compute dtype, not as a second fp32 master)."""
-    return freeze(copy.deepcopy(module).to(dtype))

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from flashdmd.config import Config
+from flashdmd.nets.dmd2_classifier import with_mode_discriminator
 from flashdmd.diffusion.schedules import Schedule
 from flashdmd.nets.discriminator import PixelGANDiscriminator, SamBackbone
 from flashdmd.nets.families import Family, get_family
@@ -145,7 +146,7 @@ def build_parts(cfg: Config, cache_dir: Path, lazy: bool | None = None) -> Parts
         cond = text.null(n)
         return {**cond, **reward.tokenize([""] * n)} if reward is not None else cond
 
-    return Parts(
+    return with_mode_discriminator(cfg, Parts(  # dmd2 mode: DMD2's classifier replaces the Pixel-GAN
         family=family.name, schedule=schedule, latent_shape=family.latent_shape(cfg.data.resolution),
         teacher=teacher, generator=generator, fake_score=fake_score, decoder=decoder,
         discriminator=_discriminator(cfg, family, cache_dir, dtype), encode_prompts=encode_prompts,
@@ -153,4 +154,4 @@ def build_parts(cfg: Config, cache_dir: Path, lazy: bool | None = None) -> Parts
         extras={"text_encoder": text, "family_spec": family, "teacher_dir": folder,
                 "scaling_factor": decoder.scaling, "shift_factor": decoder.shift,
                 "student_timesteps": list(family.student_timesteps)},
-    )
+    ))

@@ -93,18 +93,21 @@ class Trainer:
     def __init__(self, cfg: Config, job: str, ctx: DistContext) -> None:
         self.cfg, self.job, self.ctx = cfg, job, ctx
         self.stage = 1 if job == "stage1" else 2
+        cfg.data.batch_size = cfg.data.per_rank(ctx.world_size)  # data.global_batch_size (spec 1.9) on any GPU count
         self.updates: dict[str, int] = {}  # optimizer steps per trainable network (TTUR, RL:DM made visible)
         self.iterations = cfg.stage1.iterations if self.stage == 1 else cfg.stage2.iterations
 
     # -- setup ----------------------------------------------------------------------------------
     def _build_parts(self) -> Parts:
         cache_dir = Path(self.cfg.model.cache_dir or Path(self.cfg.run_root) / "cache")
-        # rank 0 first: tiny presets and the toy teacher are built once into the cache, then read
+        # rank 0 first: tiny presets and the toy teacher are built once into the cache, then read.
+        # Stage 2 loads the hand-over into whole students, so only stage 1 builds them lazily.
+        lazy = None if self.stage == 1 else False
         if self.ctx.rank == 0:
-            parts = build_parts(self.cfg, cache_dir)
+            parts = build_parts(self.cfg, cache_dir, lazy)
         barrier()
         if self.ctx.rank != 0:
-            parts = build_parts(self.cfg, cache_dir)
+            parts = build_parts(self.cfg, cache_dir, lazy)
         return parts
 
     def _setup(self) -> None:

@@ -149,3 +149,35 @@ def test_export_cli(trained_run, tmp_path, capsys):
     assert f"From `{run_dir / 'config.yaml'}`" in card and "iterations: 2" in card
     assert cli([*common, "--source", str(tmp_path / "nothing")]) == 2
     assert "no trained generator" in capsys.readouterr().err
+
+
+def test_half_precision_variant_and_model_card_header(trained_run, tmp_path):
+    """export.dtype / export.variant write fp16 files under diffusers' variant names, loadable with
+    from_pretrained(variant=...); the card opens with the Hugging Face metadata block and shows the
+    seed-for-seed recipe with latents= of the student's latent shape."""
+    import yaml
+    from diffusers import UNet2DConditionModel
+
+    cfg, run_dir = trained_run
+    common = ["--config", "tiny-sdxl", f"run_root={cfg.run_root}", f"model.cache_dir={cfg.model.cache_dir}",
+              "export.base_model=stabilityai/stable-diffusion-xl-base-1.0"]
+    out = tmp_path / "p16"
+    assert cli([*common, "--source", str(run_dir), "--out", str(out), "--dtype", "fp16", "--variant", "fp16"]) == 0
+    weights = out / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    assert weights.is_file() and not (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert {t.dtype for t in load_file(str(weights)).values()} == {torch.float16}
+    unet = UNet2DConditionModel.from_pretrained(out / "unet", variant="fp16", torch_dtype=torch.float16)
+    handed = load_file(str(run_dir / "final" / "generator.safetensors"))
+    exported = unet.state_dict()
+    assert all(torch.equal(exported[k.removeprefix("model.")], v.half()) for k, v in handed.items())
+
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n")
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert header["library_name"] == "diffusers" and header["pipeline_tag"] == "text-to-image"
+    assert header["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert {"flashdmd", "text-to-image", "StableDiffusionXLPipeline"} <= set(header["tags"])
+    student = load_student(cfg, run_dir)
+    assert f"latents = torch.randn({(1, *student.latent_shape)}, generator=g)" in card
+    assert "variant='fp16'" in card and "torch_dtype=torch.float16" in card
+    assert json.loads((out / EXPORT_META).read_text())["dtype"] == "fp16"

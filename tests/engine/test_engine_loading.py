@@ -7,7 +7,10 @@ follows each storage until it is freed (a finalizer on the storage), and the pea
 total is taken over the whole of ``engine.setup``. Storages that outlive setup and back no
 parameter are the optimizer's own shard-sized state (DeepSpeed's fp32 master and gradient
 partitions); they are left out, every transient allocation (a full tensor materialised and then
-sharded, zero.Init's one module at a time) is counted.
+sharded, zero.Init's one module at a time) is counted. Allowed on top of the shard: one tensor in
+flight (a slice being read, FSDP2's padded copy), and under ZeRO-3 DeepSpeed's own copy of one
+network's partitions into its flat buffer (``deepspeed.initialize``); one network materialised
+whole anywhere exceeds both.
 """
 from __future__ import annotations
 
@@ -127,9 +130,9 @@ def test_each_rank_allocates_only_its_shard_and_loads_exact_weights(kind: str, c
     full, shard = int(run.pop("full_bytes")), int(run.pop("shard_bytes"))
     assert int(run.pop("held_after_build")) == 0  # the registry built the students without storage
     peak, largest = int(run.pop("peak")), int(run.pop("largest_tensor"))
-    # its shard of both students, plus one tensor in flight (a read slice; zero.Init's module)
-    assert peak <= shard + largest, (peak, shard, largest)
-    assert peak < 0.75 * full, (peak, full)  # a full materialisation anywhere would show here
+    flat_copy = shard // 2 if kind == "deepspeed" else 0  # one of the two students' partitions, copied once
+    assert peak <= shard + flat_copy + 2 * largest, (peak, shard, largest)
+    assert peak < shard + full / 2, (peak, full)  # one student materialised whole would reach this
     for name in ("generator", "fake_score"):
         want = single_process[name]
         got = {k[len(name) + 1:]: v for k, v in run.items() if k.startswith(name + ".")}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_metric_models import image_reward_release
+from tiny_metric_models import hpsv2_release, image_reward_release
 
 from data_tools.convert_image_reward import convert as convert_image_reward
 from data_tools.safe_checkpoint import UnsafeCheckpoint, load_state_dict
@@ -34,7 +34,7 @@ def vit_reference(sd: dict[str, torch.Tensor], prefix: str, pixels: torch.Tensor
     x = F.conv2d(pixels, w("patch_embed.proj.weight"), w("patch_embed.proj.bias"), stride=patch).flatten(2).transpose(1, 2)
     x = torch.cat([w("cls_token").expand(len(x), -1, -1), x], 1) + w("pos_embed")
     n, t, d = x.shape
-    depth = len({k.split(".")[1] for k in sd if k.startswith(prefix + "blocks.")})
+    depth = len({k[len(prefix):].split(".")[1] for k in sd if k.startswith(prefix + "blocks.")})
     for i in range(depth):
         b = f"blocks.{i}."
         h = F.layer_norm(x, (d,), w(b + "norm1.weight"), w(b + "norm1.bias"), 1e-6)
@@ -76,7 +76,7 @@ def test_image_reward_release_through_the_converter(tmp_path):
                    encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long))
         expected = (head(out.last_hidden_state[:, 0]).squeeze(-1) - REWARD_MEAN) / REWARD_STD
     assert expected.std() > 1e-3  # the images are told apart
-    assert metrics["image_reward"].compute() == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert metrics["image_reward"].compute() == pytest.approx(float(expected.mean()), rel=1e-5)
 
 
 class Payload:
@@ -86,9 +86,58 @@ class Payload:
 
 def test_a_pickle_that_is_not_plain_data_is_refused(tmp_path, capsys):
     torch.save({"mlp.layers.0.weight": Payload()}, tmp_path / "ImageReward.pt")
-    with pytest.raises(UnsafeCheckpoint, match="builtins.print"):
+    with pytest.raises(UnsafeCheckpoint, match="__builtin__.print"):
         load_state_dict(tmp_path / "ImageReward.pt")
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
     with pytest.raises(UnsafeCheckpoint, match=r"would import and run torch\.nn\.modules\.linear\.Linear"):
         load_state_dict(tmp_path / "module.pt")
     assert "executed" not in capsys.readouterr().out
+
+
+def open_clip_tower(sd: dict[str, torch.Tensor], prefix: str, x: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+    """open_clip's residual blocks (torch's nn.MultiheadAttention, as open_clip uses) on the release's tensors."""
+    width = x.shape[-1]
+    mask = torch.full((x.shape[1], x.shape[1]), float("-inf")).triu(1) if causal else None
+    for i in range(len({k for k in sd if k.startswith(f"{prefix}transformer.resblocks.") and k.endswith("ln_1.weight")})):
+        b = f"{prefix}transformer.resblocks.{i}."
+        attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+        attn.load_state_dict({k[len(b) + 5:]: v for k, v in sd.items() if k.startswith(b + "attn.")})
+        h = F.layer_norm(x, (width,), sd[b + "ln_1.weight"], sd[b + "ln_1.bias"])
+        x = x + attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        h = F.layer_norm(x, (width,), sd[b + "ln_2.weight"], sd[b + "ln_2.bias"])
+        x = x + F.linear(F.gelu(F.linear(h, sd[b + "mlp.c_fc.weight"], sd[b + "mlp.c_fc.bias"])),
+                         sd[b + "mlp.c_proj.weight"], sd[b + "mlp.c_proj.bias"])
+    return x
+
+
+def test_hpsv2_release_through_the_converter(tmp_path):
+    from transformers import AutoTokenizer
+
+    from data_tools.convert_hpsv2 import convert
+
+    release = hpsv2_release(tmp_path / "release")
+    folder = convert(release / "HPS_v2.1_compressed.pt", tmp_path / "converted", tokenizer=str(release / "tokenizer"),
+                     vision_heads=4, text_heads=4)
+    metrics, skipped = build_metrics(EvalConfig(metrics=["hpsv2"], weights={"hpsv2": str(folder)}))
+    assert not skipped
+    x = images(4, seed=3)
+    metrics["hpsv2"].update(x, PROMPTS)
+
+    # direct: HPSv2's score, the cosine of open_clip's normalized image and text features
+    sd = torch.load(release / "HPS_v2.1_compressed.pt", weights_only=True)["state_dict"]
+    tok = AutoTokenizer.from_pretrained(release / "tokenizer")
+    ids = tok(PROMPTS, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        pixels = ((x + 1) / 2 - CLIP_MEAN) / CLIP_STD
+        v = F.conv2d(pixels, sd["visual.conv1.weight"], stride=8).flatten(2).transpose(1, 2)
+        v = torch.cat([sd["visual.class_embedding"].expand(len(v), 1, -1), v], 1) + sd["visual.positional_embedding"]
+        v = open_clip_tower(sd, "visual.", F.layer_norm(v, (32,), sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"]),
+                            heads=4, causal=False)
+        image = F.layer_norm(v[:, 0], (32,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"]) @ sd["visual.proj"]
+        t = open_clip_tower(sd, "", sd["token_embedding.weight"][ids] + sd["positional_embedding"], heads=4, causal=True)
+        t = F.layer_norm(t, (32,), sd["ln_final.weight"], sd["ln_final.bias"])
+        eot = (ids == tok.eos_token_id).int().argmax(-1)  # open_clip: argmax of the ids, <|endoftext|> being the largest
+        text = t[torch.arange(len(ids)), eot] @ sd["text_projection"]
+        expected = (F.normalize(image, dim=-1) * F.normalize(text, dim=-1)).sum(-1)
+    assert expected.std() > 1e-3
+    assert metrics["hpsv2"].compute() == pytest.approx(float(expected.mean()), abs=1e-5)

@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 import scenarios
 
 from flashdmd.config import REPO_ROOT, load_config
@@ -68,3 +69,57 @@ def test_check_resume_names_every_difference():
 def test_foreign_checkpoints_are_refused_in_the_trainer(tmp_path, gmm_cache):
     row = scenarios.foreign_checkpoint(tmp_path, gmm_cache)
     assert not row.data_lost and "FAILED" not in row.outcome, row
+
+
+def test_a_file_write_killed_midway_keeps_the_previous_file(tmp_path):
+    """SIGKILL inside an atomic write (the path every map, rank file, buffer file and hand-over
+    weight file takes): the file keeps its previous content and stays readable."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from flashdmd.engine.state_io import load_json
+
+    target = tmp_path / "generator.map.json"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from flashdmd.engine.state_io import atomic_write, save_json
+        path = Path({str(target)!r})
+        save_json(path, {{"version": 1}})
+        with atomic_write(path) as tmp:
+            tmp.write_text('{{"version": 2, "tensors": {{"half a')
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True)
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    assert load_json(target) == {"version": 1}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_zero3_save_killed_after_its_new_files_leaves_the_previous_step_readable(tmp_path):
+    """Every rank killed after ZeRO-3's files of step 2 (rank partitions, buffers, maps, DeepSpeed's
+    own layout) and before the marker: step 1 is what every reader and a resume take, the
+    consolidation refuses the partial step with one line."""
+    from engine_world import killed_save_run, load_latest_run, run_ranks
+    from safetensors.torch import load_file
+    from torch.multiprocessing import ProcessExitedException
+
+    from flashdmd.apps.consolidate import cli as consolidate_cli
+    from flashdmd.engine.checkpoint_reader import CheckpointReader
+    from flashdmd.train.checkpoint import is_valid, latest_valid, step_dir
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(ProcessExitedException, match="terminated with signal"):
+        run_ranks(2, killed_save_run, "deepspeed", str(ckpt), tmp=tmp_path)
+    partial = step_dir(ckpt, 2)
+    assert (partial / "generator.map.json").is_file() and (partial / "generator" / "latest").is_file()
+    assert not is_valid(partial) and latest_valid(ckpt) == step_dir(ckpt, 1)
+    expected = load_file(str(ckpt / "step1-weights.safetensors"))
+    read = CheckpointReader(step_dir(ckpt, 1)).state_dict("generator")
+    assert all(torch.equal(v, expected[f"w.generator.{k}"]) for k, v in read.items())
+    assert consolidate_cli([str(partial), str(tmp_path / "out")]) == 2
+    assert consolidate_cli([str(step_dir(ckpt, 1)), str(tmp_path / "out")]) == 0
+    loaded = run_ranks(2, load_latest_run, "deepspeed", str(ckpt), tmp=tmp_path)
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)

@@ -46,13 +46,11 @@ def test_metrics_against_known_values():
 
 def test_parts_shapes_roles_and_teacher_cache(tmp_path):
     cfg = load_config("gmm2d", SMALL)
-    t0 = time.time()
     parts = build_gmm_parts(cfg, tmp_path)
     files = list(tmp_path.glob("gmm2d-teacher-*.safetensors"))
     assert [f.name for f in files] == [f"gmm2d-teacher-{teacher_key(cfg.model.gmm, 'v_prediction')}.safetensors"]
     again = build_gmm_parts(cfg, tmp_path)  # from the cache: identical teacher, no retraining
     assert all(torch.equal(a, b) for a, b in zip(parts.teacher.state_dict().values(), again.teacher.state_dict().values()))
-    assert time.time() - t0 < 120
     x, t = torch.randn(5, 2), timesteps_tensor(500, 5, "cpu")
     assert isinstance(parts.teacher, Denoiser) and isinstance(parts.decoder, Decoder)
     assert isinstance(parts.discriminator, Discriminator) and isinstance(parts.reward, RewardModel)

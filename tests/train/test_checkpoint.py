@@ -105,3 +105,30 @@ def test_sharded_save_killed_on_every_rank_leaves_previous_step(tmp_path: Path) 
     expected = load_file(str(ckpt / "step1-weights.safetensors"))
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_checkpoint_and_hand_over_files_get_the_umask_modes(tmp_path: Path, umask: int) -> None:
+    """Atomic writes go through temporary files (mkstemp: 0600) and safetensors writes 0600 files
+    itself; both must end with the mode a plain open() gives, or the group sharing a run
+    directory cannot read the weights."""
+    import os
+    import stat
+
+    from flashdmd.config import load_config
+    from flashdmd.train.handoff import write_handoff
+
+    old = os.umask(umask)
+    try:
+        engine = setup_engine(LocalEngine("cpu"))
+        iteration(engine, 0)
+        path = save_checkpoint(engine, tmp_path / "ckpt", 1, trainer={"mlflow_run_id": "r"})
+        cfg = load_config("gmm2d", [f"run_root={tmp_path}", "name=modes"])
+        final = write_handoff(engine, {n: engine.modules[n] for n in sorted(engine.trainable)}, cfg, 1, None)
+    finally:
+        os.umask(old)
+    files = [p for p in [*path.iterdir(), *final.iterdir()] if p.is_file()]
+    assert any(p.name.endswith(".map.json") for p in files) and any(p.suffix == ".safetensors" for p in files)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+    assert not [p for p in path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left behind

@@ -83,6 +83,44 @@ def tiny_image_reward(folder: Path, prompts: list[str]) -> Path:
                    tokenizer=str(release), vision_heads=4)
 
 
+def _open_clip_blocks(prefix: str, width: int, layers: int, rand) -> dict[str, torch.Tensor]:
+    blocks = {}
+    for i in range(layers):
+        b = f"{prefix}transformer.resblocks.{i}."
+        for name, shape in (("ln_1", (width,)), ("ln_2", (width,)), ("attn.in_proj", (3 * width, width)),
+                            ("attn.out_proj", (width, width)), ("mlp.c_fc", (4 * width, width)),
+                            ("mlp.c_proj", (width, 4 * width))):
+            blocks[f"{b}{name}_weight" if name == "attn.in_proj" else f"{b}{name}.weight"] = (
+                1 + rand(*shape) if len(shape) == 1 else rand(*shape))
+            blocks[f"{b}{name}_bias" if name == "attn.in_proj" else f"{b}{name}.bias"] = rand(shape[0])
+    return blocks
+
+
+def hpsv2_release(folder: Path) -> Path:
+    """A random-weight HPSv2 release in its real layout: ``HPS_v2.1_compressed.pt`` = ``{"state_dict": ...}``
+    with open_clip's ViT names (fused ``in_proj`` attention, ``proj`` matrices), and the CLIP tokenizer
+    folder it is used with. Tiny: both towers 32 wide, 2 blocks of 4 heads; 32 px images, patch 8."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer.save_pretrained(folder / "tokenizer")
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int, scale: float = 0.2) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * scale
+
+    w, ctx = 32, 16
+    sd = {"visual.class_embedding": rand(w), "visual.positional_embedding": rand(17, w),
+          "visual.conv1.weight": rand(w, 3, 8, 8, scale=0.05), "visual.proj": rand(w, 16),
+          "visual.ln_pre.weight": 1 + rand(w), "visual.ln_pre.bias": rand(w),
+          "visual.ln_post.weight": 1 + rand(w), "visual.ln_post.bias": rand(w),
+          "token_embedding.weight": rand(len(tokenizer), w), "positional_embedding": rand(ctx, w),
+          "ln_final.weight": 1 + rand(w), "ln_final.bias": rand(w), "text_projection": rand(w, 16),
+          "logit_scale": torch.tensor(4.6052)}
+    sd |= _open_clip_blocks("visual.", w, 2, rand) | _open_clip_blocks("", w, 2, rand)
+    torch.save({"epoch": 1, "name": "tiny", "state_dict": sd}, folder / "HPS_v2.1_compressed.pt")
+    return folder
+
+
 def fid_inception_weights(path: Path, seed: int = 0) -> Path:
     """A random-weight FID Inception state dict in the release's layout (torch-fidelity's module keys)."""
     from flashdmd.eval.inception import inception_class

@@ -1,0 +1,58 @@
+"""``jobs/submit.py pipeline`` end to end on every tiny image family: stage 1, then stage 2 from
+its hand-over, on the local executor. Stage 2 must keep win/lose pairs (rl_kept > 0 with the
+default threshold), move the generator away from stage 1's, and be nested under stage 1's
+MLflow run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flashdmd.config import REPO_ROOT
+
+FAMILIES = ["tiny-sdxl", "tiny-sd15", "tiny-sd3"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("pipeline-shards")
+    subprocess.run([sys.executable, str(REPO_ROOT / "data_tools" / "make_toy_shards.py"), str(folder), "--count", "8",
+                    "--per-shard", "4", "--size", "64"], check=True, capture_output=True)
+    return f"{folder}/toy-{{000000..000001}}.tar"
+
+
+def _metric_rows(run_dir: Path) -> list[dict[str, float]]:
+    return [json.loads(line)["metrics"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pipeline_runs_stage2_after_stage1(tmp_path, shards, family):
+    import mlflow
+
+    root = tmp_path / "runs"
+    cmd = [sys.executable, str(REPO_ROOT / "jobs" / "submit.py"), "pipeline", "--config", family, "--executor", "local",
+           "--name", "p", f"run_root={root}", f"data.shards={shards}", f"model.cache_dir={tmp_path / 'cache'}",
+           "stage1.iterations=1", "stage2.iterations=1", "tracking.sample_every=0", "health.monitors=false",
+           "checkpoint.every=100"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    stage1, stage2 = root / "p-stage1", root / "p-stage2"
+
+    rows = _metric_rows(stage2)
+    assert rows and all(r["rl_kept"] > 0 for r in rows), rows  # pairs kept at stage2.threshold's default
+    assert all("generator_lr" in r for r in rows)  # and the generator stepped on them
+
+    before, after = load_file(str(stage1 / "final" / "generator.safetensors")), load_file(
+        str(stage2 / "final" / "generator.safetensors"))
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = {r.info.run_name: r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])}
+    assert runs["p-stage2"].data.tags.get("mlflow.parentRunId") == runs["p-stage1"].info.run_id
