@@ -41,11 +41,14 @@ from flashdmd.diffusion.rollout import sample_student, timesteps_tensor
 from flashdmd.diffusion.sampler import sample_teacher
 from flashdmd.engine.local import LocalEngine
 from flashdmd.eval.gmm import mode_mass, modes_covered, sliced_w2
+from flashdmd.nets.dmd2_classifier import with_mode_discriminator
 from flashdmd.nets.gmm2d import GMM, build_gmm_parts
 from flashdmd.nets.parts import Parts
 
 RESULTS = REPO / "bench" / "results" / "gmm_distill.json"
-DMD2_OVERRIDES = ["stage1.mode=dmd2", "stage1.ttur=5", "stage1.fake_ema=false"]
+# DMD2's recipe (spec 4.1-4.2): its classifier on the fake score, both losses every step, TTUR 5,
+# softplus GAN losses, no EMA pull
+DMD2_OVERRIDES = ["stage1.mode=dmd2", "stage1.ttur=5", "stage1.fake_ema=false", "stage1.gan_loss=nonsaturating"]
 
 
 @dataclass
@@ -132,20 +135,29 @@ def first_below(curve: list[dict[str, float]], threshold: float) -> int | None:
     return None
 
 
-def trainable_copy(parts: Parts) -> Parts:
-    """Parts sharing the frozen networks, with independent copies of the trainable ones."""
-    return dataclasses.replace(parts, **{k: copy.deepcopy(getattr(parts, k))
-                                         for k in ("generator", "fake_score", "discriminator")})
+def trainable_copy(parts: Parts, cfg: Config) -> Parts:
+    """Parts sharing the frozen networks, with independent copies of the trainable ones and the
+    discriminator ``cfg.stage1.mode`` trains (DMD2's classifier head in dmd2 mode)."""
+    copied = dataclasses.replace(parts, **{k: copy.deepcopy(getattr(parts, k))
+                                           for k in ("generator", "fake_score", "discriminator")})
+    return with_mode_discriminator(cfg, copied)
 
 
 STAGE1_RUNS = {  # name -> overrides on top of the gmm2d preset
     "flash": [],
     "flash_no_ema": ["stage1.fake_ema=false"],
     "flash_no_gan": ["stage1.gan_weight=0.0"],
+    "flash_gan_half": ["stage1.gan_batch_fraction=0.5"],
+    "flash_gan_quarter": ["stage1.gan_batch_fraction=0.25"],
+    "flash_rollout_state": ["stage1.gan_input=rollout_state"],
     "dmd2": DMD2_OVERRIDES,
-    "dmd2_ttur2": ["stage1.mode=dmd2", "stage1.ttur=2", "stage1.fake_ema=false"],
+    "dmd2_ttur2": ["stage1.mode=dmd2", "stage1.ttur=2", "stage1.fake_ema=false", "stage1.gan_loss=nonsaturating"],
+    "dmd2_pixelgan": ["stage1.mode=dmd2_pixelgan", "stage1.ttur=5", "stage1.fake_ema=false"],
 }
-STAGE2_RUNS = {"joint": [], "rl_only": ["stage2.distill=false"]}
+# joint: 5 RL : 1 distillation (spec 2.5); rl_only: RL after distillation with nothing else trained
+# (post-training LPO); all_noise: joint, RL at every transition (spec 2.5: high noise only is better)
+STAGE2_RUNS = {"joint": [], "rl_only": ["stage2.distill=false"],
+               "all_noise": ["stage2.rl_transitions=[[999,749],[749,499],[499,249]]"]}
 THRESHOLD_FACTORS = (2.0, 1.75, 1.5)
 
 
@@ -188,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         per_seed = []
         for seed in args.seeds:
             cfg = load_config("gmm2d", base + extra + [f"seed={seed}"])
-            run_parts = trainable_copy(parts)
+            run_parts = trainable_copy(parts, cfg)
             t0 = time.time()
             curve = run_stage1(cfg, run_parts, ev, args.eval_every)
             final = evaluate_student(run_parts.generator, run_parts, cfg, final_ev)
@@ -202,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         per_seed = []
         for seed in args.seeds:
             cfg = load_config("gmm2d", base + extra + [f"seed={seed}"])
-            run_parts = trainable_copy(flash_parts[seed])
+            run_parts = trainable_copy(flash_parts[seed], cfg)
             t0 = time.time()
             curve = run_stage2(cfg, run_parts, ev, args.eval_every)
             start = evaluate_student(flash_parts[seed].generator, run_parts, cfg, final_ev)
@@ -215,7 +227,9 @@ def main(argv: list[str] | None = None) -> dict:
     results["seconds"] = time.time() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
-    print_table(results)
+    table = format_table(results)
+    args.out.with_suffix(".md").write_text("```\n" + table + "\n```\n")
+    print(table)
     return results
 
 
@@ -226,27 +240,30 @@ def _median(values: list[int | None]) -> str:
     return "never" if mid is None else str(mid)
 
 
-def print_table(r: dict) -> None:
+def format_table(r: dict) -> str:
     t, u = r["teacher_50_step"]["final"], r["undistilled_4_step"]
     factors = list(r["sw2_thresholds"])
-    print(f"\ngmm2d benchmark, {len(r['seeds'])} seeds, {r['seconds']:.0f} s. SW2 on "
-          f"{r['final_samples']} fresh samples (mean, worst seed); generator updates to reach "
-          f"{' / '.join(f + 'x' for f in factors)} the teacher's SW2 (median over seeds)")
-    head = f"{'run':<18}{'upd->thr':>18}{'SW2':>7}{'worst':>7}{'modes':>6}{'reward':>9}{'mass@m0':>8}"
-    print(head + "\n" + "-" * len(head))
-    print(f"{'teacher 50-step':<18}{'':>18}{t['sw2']:>7.3f}{'':>7}{t['modes_covered']:>6}{t['reward']:>9.1f}"
-          f"{t['reward_mode_mass']:>8.3f}")
-    print(f"{'4-step, no distill':<18}{'':>18}{u['sw2']:>7.3f}{'':>7}{u['modes_covered']:>6}{u['reward']:>9.1f}"
-          f"{u['reward_mode_mass']:>8.3f}")
+    lines: list[str] = []
+    add = lines.append
+    add(f"gmm2d benchmark, {len(r['seeds'])} seeds, {r['seconds']:.0f} s. SW2 on "
+        f"{r['final_samples']} fresh samples (mean, worst seed); generator updates to reach "
+        f"{' / '.join(f + 'x' for f in factors)} the teacher's SW2 (median over seeds)")
+    head = f"{'run':<22}{'upd->thr':>18}{'SW2':>7}{'worst':>7}{'modes':>6}{'reward':>9}{'mass@m0':>8}"
+    add(head + "\n" + "-" * len(head))
+    add(f"{'teacher 50-step':<22}{'':>18}{t['sw2']:>7.3f}{'':>7}{t['modes_covered']:>6}{t['reward']:>9.1f}"
+        f"{t['reward_mode_mass']:>8.3f}")
+    add(f"{'4-step, no distill':<22}{'':>18}{u['sw2']:>7.3f}{'':>7}{u['modes_covered']:>6}{u['reward']:>9.1f}"
+        f"{u['reward_mode_mass']:>8.3f}")
     for name, run in r["stage1"].items():
         f = run["final"]
         upd = " / ".join(_median([x["updates_to_threshold"][k] for x in run["runs"]]) for k in factors)
-        print(f"{'s1 ' + name:<18}{upd:>18}{f['sw2']:>7.3f}{f['sw2_max']:>7.3f}{f['modes_covered_min']:>6}"
+        add(f"{'s1 ' + name:<22}{upd:>18}{f['sw2']:>7.3f}{f['sw2_max']:>7.3f}{f['modes_covered_min']:>6}"
               f"{f['reward']:>9.1f}{f['reward_mode_mass']:>8.3f}")
     for name, run in r["stage2"].items():
         f = run["final"]
-        print(f"{'s2 ' + name:<18}{'reward +' + format(run['reward_gain'], '.1f'):>18}{f['sw2']:>7.3f}"
+        add(f"{'s2 ' + name:<22}{'reward +' + format(run['reward_gain'], '.1f'):>18}{f['sw2']:>7.3f}"
               f"{f['sw2_max']:>7.3f}{f['modes_covered_min']:>6}{f['reward']:>9.1f}{f['reward_mode_mass']:>8.3f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

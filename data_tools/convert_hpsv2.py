@@ -14,6 +14,7 @@ tokenizer of ``--tokenizer`` (open_clip's BPE, as released with the laion ViT-H-
 eval transform). Sizes come from the tensors; head counts do not (ViT-H-14: 16 of 80 in the image
 tower, 16 of 64 in the text tower, the defaults). open_clip's ViT-H-14 uses exact GELU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_tools.safe_checkpoint import UnsafeCheckpoint, load_state_dict  # noqa: E402
 
-BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-         "attn.out_proj": "self_attn.out_proj"}
+BLOCK = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+    "attn.out_proj": "self_attn.out_proj",
+}
 
 
 def tower(sd: dict[str, torch.Tensor], src: str, dst: str) -> dict[str, torch.Tensor]:
@@ -55,12 +61,15 @@ def clip_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         f"{v}embeddings.class_embedding": sd["visual.class_embedding"],
         f"{v}embeddings.patch_embedding.weight": sd["visual.conv1.weight"],
         f"{v}embeddings.position_embedding.weight": sd["visual.positional_embedding"],
-        f"{v}pre_layrnorm.weight": sd["visual.ln_pre.weight"], f"{v}pre_layrnorm.bias": sd["visual.ln_pre.bias"],
-        f"{v}post_layernorm.weight": sd["visual.ln_post.weight"], f"{v}post_layernorm.bias": sd["visual.ln_post.bias"],
+        f"{v}pre_layrnorm.weight": sd["visual.ln_pre.weight"],
+        f"{v}pre_layrnorm.bias": sd["visual.ln_pre.bias"],
+        f"{v}post_layernorm.weight": sd["visual.ln_post.weight"],
+        f"{v}post_layernorm.bias": sd["visual.ln_post.bias"],
         "visual_projection.weight": sd["visual.proj"].T,
         f"{t}embeddings.token_embedding.weight": sd["token_embedding.weight"],
         f"{t}embeddings.position_embedding.weight": sd["positional_embedding"],
-        f"{t}final_layer_norm.weight": sd["ln_final.weight"], f"{t}final_layer_norm.bias": sd["ln_final.bias"],
+        f"{t}final_layer_norm.weight": sd["ln_final.weight"],
+        f"{t}final_layer_norm.bias": sd["ln_final.bias"],
         "text_projection.weight": sd["text_projection"].T,
         "logit_scale": sd["logit_scale"],
     }
@@ -76,20 +85,39 @@ def clip_config(sd: dict[str, torch.Tensor], tokenizer, vision_heads: int = 0, t
     width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     text_width = sd["token_embedding.weight"].shape[1]
-    vision = {"hidden_size": width, "intermediate_size": sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-              "num_hidden_layers": layers(r"visual\."), "num_attention_heads": vision_heads or width // 80,
-              "image_size": grid * patch, "patch_size": patch, "hidden_act": "gelu", "layer_norm_eps": 1e-5}
-    text = {"vocab_size": sd["token_embedding.weight"].shape[0], "hidden_size": text_width,
-            "intermediate_size": sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-            "num_hidden_layers": layers(""), "num_attention_heads": text_heads or text_width // 64,
-            "max_position_embeddings": sd["positional_embedding"].shape[0], "hidden_act": "gelu",
-            "layer_norm_eps": 1e-5, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id}
+    vision = {
+        "hidden_size": width,
+        "intermediate_size": sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        "num_hidden_layers": layers(r"visual\."),
+        "num_attention_heads": vision_heads or width // 80,
+        "image_size": grid * patch,
+        "patch_size": patch,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+    }
+    text = {
+        "vocab_size": sd["token_embedding.weight"].shape[0],
+        "hidden_size": text_width,
+        "intermediate_size": sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        "num_hidden_layers": layers(""),
+        "num_attention_heads": text_heads or text_width // 64,
+        "max_position_embeddings": sd["positional_embedding"].shape[0],
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=sd["visual.proj"].shape[1])
 
 
-def convert(checkpoint: str | Path, out: str | Path, tokenizer: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-            vision_heads: int = 0, text_heads: int = 0) -> Path:
+def convert(
+    checkpoint: str | Path,
+    out: str | Path,
+    tokenizer: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    vision_heads: int = 0,
+    text_heads: int = 0,
+) -> Path:
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
     release = load_state_dict(checkpoint)
@@ -116,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="HPS_v2.1_compressed.pt (or HPS_v2_compressed.pt)")
     parser.add_argument("out", help="output folder (eval.weights.hpsv2)")
-    parser.add_argument("--tokenizer", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-                        help="CLIP tokenizer folder or hub id (open_clip's BPE)")
+    parser.add_argument(
+        "--tokenizer",
+        default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        help="CLIP tokenizer folder or hub id (open_clip's BPE)",
+    )
     parser.add_argument("--vision-heads", type=int, default=0, help="image-tower heads (default: width // 80)")
     parser.add_argument("--text-heads", type=int, default=0, help="text-tower heads (default: width // 64)")
     args = parser.parse_args(argv)

@@ -15,6 +15,7 @@ for and never uses, keeps its initialisation.
 ViT sizes come from the tensors; the head count does not (the ViT-L of ImageReward has 16 heads of
 64, the default ``width // 64``). Text sizes come from ``med_config.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,11 +59,11 @@ def blip_state(release: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     blip, head = {}, {}
     for key, value in release.items():
         if key.startswith(VIT):
-            blip[vit_key(key[len(VIT):])] = value
+            blip[vit_key(key[len(VIT) :])] = value
         elif key.startswith("blip.") and not key.endswith("position_ids"):  # a buffer transformers recomputes
-            blip[key[len("blip."):]] = value
+            blip[key[len("blip.") :]] = value
         elif key.startswith("mlp.layers."):
-            head[key[len("mlp."):]] = value
+            head[key[len("mlp.") :]] = value
     if not head or "vision_model.embeddings.class_embedding" not in blip:
         raise KeyError("not an ImageReward checkpoint: no blip.visual_encoder.* and mlp.layers.* tensors")
     return blip, head
@@ -75,18 +76,38 @@ def blip_config(release: dict[str, torch.Tensor], med_config: dict, vision_heads
     patch = release[f"{VIT}patch_embed.proj.weight"].shape[-1]
     tokens = release[f"{VIT}pos_embed"].shape[1] - 1
     depth = 1 + max(int(m.group(1)) for k in release if (m := re.match(rf"{re.escape(VIT)}blocks\.(\d+)\.", k)))
-    vision = {"hidden_size": width, "intermediate_size": release[f"{VIT}blocks.0.mlp.fc1.weight"].shape[0],
-              "num_hidden_layers": depth, "num_attention_heads": vision_heads or width // 64, "patch_size": patch,
-              "image_size": patch * round(tokens**0.5), "layer_norm_eps": 1e-6}  # BLIP's ViT LayerNorm eps
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "max_position_embeddings", "layer_norm_eps", "hidden_act")
+    vision = {
+        "hidden_size": width,
+        "intermediate_size": release[f"{VIT}blocks.0.mlp.fc1.weight"].shape[0],
+        "num_hidden_layers": depth,
+        "num_attention_heads": vision_heads or width // 64,
+        "patch_size": patch,
+        "image_size": patch * round(tokens**0.5),
+        "layer_norm_eps": 1e-6,
+    }  # BLIP's ViT LayerNorm eps
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "layer_norm_eps",
+        "hidden_act",
+    )
     text = {k: med_config[k] for k in keys if k in med_config} | {"encoder_hidden_size": width}
-    return BlipConfig(text_config=text, vision_config=vision,
-                      image_text_hidden_size=release["blip.vision_proj.weight"].shape[0])
+    return BlipConfig(
+        text_config=text, vision_config=vision, image_text_hidden_size=release["blip.vision_proj.weight"].shape[0]
+    )
 
 
-def convert(checkpoint: str | Path, med_config: str | Path, out: str | Path, tokenizer: str = "bert-base-uncased",
-            vision_heads: int = 0) -> Path:
+def convert(
+    checkpoint: str | Path,
+    med_config: str | Path,
+    out: str | Path,
+    tokenizer: str = "bert-base-uncased",
+    vision_heads: int = 0,
+) -> Path:
     from transformers import BertTokenizer, BlipForImageTextRetrieval
 
     release = load_state_dict(checkpoint)
@@ -99,7 +120,9 @@ def convert(checkpoint: str | Path, med_config: str | Path, out: str | Path, tok
     out = Path(out)
     model.save_pretrained(out)
     tok = BertTokenizer.from_pretrained(tokenizer)
-    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})  # ImageReward's init_tokenizer
+    tok.add_special_tokens(
+        {"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]}
+    )  # ImageReward's init_tokenizer
     tok.save_pretrained(out)
     save_file({k: v.contiguous() for k, v in head.items()}, str(out / "mlp.safetensors"))
     return out

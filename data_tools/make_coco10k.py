@@ -16,6 +16,7 @@ line, whitespace collapsed; ``eval.prompts``), ``reference.txt`` (the images, on
 Departure: DMD2 ships its own pickled 10k prompt list (``all_prompts.pkl``, not read here, as it is a
 pickle); this draw is reproducible but not the same 10k. Seed 10 is DMD2's evaluation seed [INF].
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,9 @@ def coco_pairs(annotations: dict) -> list[tuple[int, str, str]]:
     return [(image_id, files[image_id], first[image_id][1]) for image_id in sorted(first) if image_id in files]
 
 
-def make_coco10k(captions: Path, out: Path, images: Path | None = None, num: int = 10000, seed: int = 10) -> list[tuple[int, str, str]]:
+def make_coco10k(
+    captions: Path, out: Path, images: Path | None = None, num: int = 10000, seed: int = 10
+) -> list[tuple[int, str, str]]:
     """Write prompts.txt, reference.txt and coco10k.jsonl under ``out``; returns the drawn pairs."""
     annotations = json.loads(captions.read_text())
     if not {"images", "annotations"} <= set(annotations):
@@ -49,8 +52,9 @@ def make_coco10k(captions: Path, out: Path, images: Path | None = None, num: int
     (out / "prompts.txt").write_text("".join(f"{caption}\n" for _, _, caption in drawn))
     base = images.resolve() if images else None
     (out / "reference.txt").write_text("".join(f"{base / name if base else name}\n" for _, name, _ in drawn))
-    (out / "coco10k.jsonl").write_text("".join(
-        json.dumps({"image_id": i, "file_name": name, "caption": caption}) + "\n" for i, name, caption in drawn))
+    (out / "coco10k.jsonl").write_text(
+        "".join(json.dumps({"image_id": i, "file_name": name, "caption": caption}) + "\n" for i, name, caption in drawn)
+    )
     return drawn
 
 
@@ -67,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, OSError) as err:
         print(f"make_coco10k: {err}", file=sys.stderr)
         return 1
-    print(f"{len(drawn)} prompts -> {args.out / 'prompts.txt'} (eval.prompts), "
-          f"images -> {args.out / 'reference.txt'} (eval.reference_images)")
+    print(
+        f"{len(drawn)} prompts -> {args.out / 'prompts.txt'} (eval.prompts), "
+        f"images -> {args.out / 'reference.txt'} (eval.reference_images)"
+    )
     return 0
 
 

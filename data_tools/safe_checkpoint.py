@@ -5,6 +5,7 @@ only. A file that needs anything else (a pickled ``nn.Module``, a training-code 
 with ``UnsafeCheckpoint``, whose message lists the Python objects the pickle would import and call,
 found by reading its opcodes (``pickletools``) without executing any of them.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -15,8 +16,16 @@ from pathlib import Path
 import torch
 
 # what torch's weights-only unpickler itself allows: left out of the refusal message
-PLAIN = {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
-         "torch.Size", "builtins.set", "__builtin__.set", "torch.device", "_codecs.encode"}
+PLAIN = {
+    "collections.OrderedDict",
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_parameter",
+    "torch.Size",
+    "builtins.set",
+    "__builtin__.set",
+    "torch.device",
+    "_codecs.encode",
+}
 
 
 class UnsafeCheckpoint(RuntimeError):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -55,6 +56,8 @@ ENTRIES = {
     "synth": "flashdmd.apps.synth:main",
 }
 TRAINING_JOBS = ("stage1", "stage2")
+QUIET_PROGRESS_BARS = ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")
+SUBMITIT_LINE = re.compile(r"^(submitit |\S+ \w+ submitit: )")  # submitit's own lines, in its format or ours
 
 
 class JobInterrupted(RuntimeError):
@@ -89,6 +92,8 @@ class EntryJob:
         # the local controller was started with SIGINT ignored; the task takes Ctrl-C again
         signal.signal(signal.SIGINT, signal.default_int_handler)
         os.environ.update(self.env)
+        for quiet in QUIET_PROGRESS_BARS:  # download/loading bars would bury the progress lines in the log
+            os.environ.setdefault(quiet, "1")
         setup_logging(submitit.JobEnvironment().global_rank)
         for path in reversed(self.pythonpath):
             if path not in sys.path:
@@ -271,7 +276,7 @@ class LogFollower:
             end = data.rfind(b"\n") + 1
             self.offsets[i] += end
             for line in data[:end].decode(errors="replace").splitlines():
-                if not line.startswith("submitit "):
+                if not SUBMITIT_LINE.match(line):
                     print(line, file=out, flush=True)
 
 

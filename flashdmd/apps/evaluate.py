@@ -8,6 +8,11 @@ metric without weights is skipped with its message), and sums the metrics' suffi
 over ranks (one all-reduce per statistic), so the numbers equal a one-rank evaluation: images
 depend only on prompt and seed (``flashdmd.apps.sample``), and the statistics are sums.
 
+The paper's protocol (spec 4.4, 5): ``data_tools/make_coco10k.py`` turns a COCO captions file into
+the 10k prompts (``eval.prompts``) and the list of their images (``eval.reference_images``, for
+Inception FID); the released metric checkpoints are converted once by ``data_tools/convert_*.py``
+where they are not loadable as they are (flashdmd/eval says which).
+
 ``main(cfg, "eval")`` evaluates ``eval.source`` (a run dir, its ``final/`` hand-over or a
 checkpoint step dir) and, on rank 0, writes ``results.json`` and ``results.md`` (a table shaped like
 the paper's tables: method, NFE, one column per metric) to ``<eval.out_dir>/step-<N>`` (default

@@ -227,7 +227,8 @@ def new_student(cfg: Config, source: StudentSource, device: torch.device | str =
     if cfg.model.family == "gmm2d":
         raise ValueError("model.family=gmm2d has no images; its sample and eval jobs run flashdmd/apps/toy_plot.py")
     cache_dir = Path(cfg.model.cache_dir or Path(cfg.run_root) / "cache")
-    return Student(build_parts(cfg, cache_dir), timesteps_of(cfg, source), source, torch.device(device))
+    # one process holds the whole student, whatever engine trained it: materialised, not meta
+    return Student(build_parts(cfg, cache_dir, lazy=False), timesteps_of(cfg, source), source, torch.device(device))
 
 
 def load_student(cfg: Config, source: str | Path | StudentSource, device: torch.device | str = "cpu") -> Student:

@@ -28,6 +28,7 @@ throughput and a grid of the first images of rank 0.
 Departures: the pipeline's own sampler and scheduler are used as shipped (no flashdmd sampler), and
 the teacher's folder is loaded a second time for ``synth.latents`` / ``synth.text_embeddings``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -136,13 +137,22 @@ def student_codecs(cfg: Config, device: torch.device) -> StudentCodecs:
     folder = teacher_source(cfg)
     raw = load_pipeline_folder(folder, family, dtype_of(cfg), cfg.model.use_t5, cfg.model.vae, cfg.model.text_encoders)
     vae = VAEDecoder(raw.vae.to(device), cfg.engine.decode_micro_batch, False)
-    text = PromptEncoder(family.kind, [e.to(device) for e in raw.text_encoders], raw.tokenizers, cfg.data.resolution,
-                         t5=raw.t5.to(device) if raw.t5 is not None else None, t5_tokenizer=raw.t5_tokenizer,
-                         t5_length=T5_LENGTH if family.tiny else 256,
-                         joint_dim=int(getattr(raw.denoiser.config, "joint_attention_dim", 0) or 0))
+    text = PromptEncoder(
+        family.kind,
+        [e.to(device) for e in raw.text_encoders],
+        raw.tokenizers,
+        cfg.data.resolution,
+        t5=raw.t5.to(device) if raw.t5 is not None else None,
+        t5_tokenizer=raw.t5_tokenizer,
+        t5_length=T5_LENGTH if family.tiny else 256,
+        joint_dim=int(getattr(raw.denoiser.config, "joint_attention_dim", 0) or 0),
+    )
     meta = {"vae": cfg.model.vae or str(folder / "vae"), "scaling_factor": vae.scaling, "shift_factor": vae.shift}
-    return StudentCodecs(lambda x: vae.encode(x.to(device), sample=False).float().cpu(), meta,
-                         lambda prompts: {k: v.float().cpu() for k, v in text(prompts).items()})
+    return StudentCodecs(
+        lambda x: vae.encode(x.to(device), sample=False).float().cpu(),
+        meta,
+        lambda prompts: {k: v.float().cpu() for k, v in text(prompts).items()},
+    )
 
 
 def build_filter(cfg: Config, device: torch.device) -> Any:
@@ -192,8 +202,14 @@ class Synthesizer:
         """[N, 3, H, W] in [-1, 1]; image j from its own CPU generator seeded ``seeds[j]``."""
         s = self.cfg.synth
         size = {"height": s.resolution, "width": s.resolution} if s.resolution else {}
-        out = self.pipe(prompt=prompts, num_inference_steps=s.steps, guidance_scale=s.guidance, output_type="pt",
-                        generator=[torch.Generator().manual_seed(seed) for seed in seeds], **size)
+        out = self.pipe(
+            prompt=prompts,
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance,
+            output_type="pt",
+            generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+            **size,
+        )
         return out.images.float().cpu() * 2 - 1
 
     def samples(self, indices: list[int], prompts: list[str]) -> tuple[list[dict[str, Any]], int]:
@@ -208,9 +224,16 @@ class Synthesizer:
         files = [encode_image(images[j], s.image_format) for j in keep]
         out = []
         for j, data in zip(keep, files):
-            meta = {"caption": prompts[j], "width": images.shape[-1], "height": images.shape[-2],
-                    "source": self.source, "index": indices[j], "seed": seeds[j], "steps": s.steps,
-                    "guidance": s.guidance}
+            meta = {
+                "caption": prompts[j],
+                "width": images.shape[-1],
+                "height": images.shape[-2],
+                "source": self.source,
+                "index": indices[j],
+                "seed": seeds[j],
+                "steps": s.steps,
+                "guidance": s.guidance,
+            }
             if scores[j] is not None:
                 meta[s.filter_metric] = scores[j]
             out.append({"__key__": f"{indices[j]:09d}", s.image_format: data, "txt": prompts[j], "json": meta})
@@ -299,8 +322,15 @@ def run_synth(cfg: Config, rank: int, world_size: int, device: torch.device) -> 
     synth = Synthesizer(cfg, device) if mine else None
     todo = sum(min((s + 1) * cfg.synth.per_shard, len(prompts)) - s * cfg.synth.per_shard for s in mine)
     interactive = sys.stderr.isatty()
-    with tqdm(total=todo, desc=f"synth rank {rank}", position=rank if interactive else None, unit="img",
-              file=sys.stderr, mininterval=1.0 if interactive else 30.0, disable=not mine) as bar:
+    with tqdm(
+        total=todo,
+        desc=f"synth rank {rank}",
+        position=rank if interactive else None,
+        unit="img",
+        file=sys.stderr,
+        mininterval=1.0 if interactive else 30.0,
+        disable=not mine,
+    ) as bar:
         for shard in mine:
             generated_now += write_shard(synth, folder, shard, prompts, bar)["generated"]
     figures = torch.tensor([float(generated_now), time.monotonic() - started], dtype=torch.float64)
@@ -314,8 +344,14 @@ def run_synth(cfg: Config, rank: int, world_size: int, device: torch.device) -> 
     result = SynthResult(folder, num_shards, counts["generated"], counts["kept"], int(figures[0]), float(figures[1]))
     if rank == 0:
         result.mlflow_run_id = log_to_mlflow(cfg, result, synth.grid if synth else [])
-        log.info("synth: %d/%d images kept (%.1f%%) in %d shards under %s", result.kept, result.generated,
-                 100 * result.kept_fraction, num_shards, folder)
+        log.info(
+            "synth: %d/%d images kept (%.1f%%) in %d shards under %s",
+            result.kept,
+            result.generated,
+            100 * result.kept_fraction,
+            num_shards,
+            folder,
+        )
     return result
 
 
@@ -333,9 +369,14 @@ def log_to_mlflow(cfg: Config, result: SynthResult, grid: list[Tensor]) -> str:
     params["synth.source"] = cfg.synth.pipeline or "(the preset's teacher)"
     client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items() if k not in logged])
     now, step = int(time.time() * 1000), result.generated
-    figures = {"synth/generated": result.generated, "synth/kept": result.kept, "synth/kept_fraction": result.kept_fraction,
-               "synth/shards": result.num_shards, "synth/generated_this_run": result.generated_now,
-               "synth/images_per_s": result.generated_now / result.seconds if result.seconds > 0 else 0.0}
+    figures = {
+        "synth/generated": result.generated,
+        "synth/kept": result.kept,
+        "synth/kept_fraction": result.kept_fraction,
+        "synth/shards": result.num_shards,
+        "synth/generated_this_run": result.generated_now,
+        "synth/images_per_s": result.generated_now / result.seconds if result.seconds > 0 else 0.0,
+    }
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, step) for k, v in figures.items()])
     if grid:
         path = result.out_dir / "sample_grid.png"
@@ -354,7 +395,9 @@ def main(cfg: Config, job: str = "synth") -> SynthResult:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flashdmd.apps.synth", description="Generate a synthetic training set.")
+    parser = argparse.ArgumentParser(
+        prog="python -m flashdmd.apps.synth", description="Generate a synthetic training set."
+    )
     parser.add_argument("--config", default=DEFAULT_PRESET, help="preset name or YAML path")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)

@@ -3,6 +3,7 @@
 Paper section 5: the student is trained on images a stronger teacher generated (SD3.5-Large at
 28 steps, CFG 4.5), then curated.  Steps and CFG are the paper's; everything else is [INF].
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,5 +38,9 @@ class SynthConfig:
 
     def validate(self, rules: Scope) -> None:
         unused = self.filter_threshold != 0.0 or bool(self.filter_weights)
-        rules.check(bool(self.filter_metric) or not unused, ("filter_threshold", "filter_weights", "filter_metric"),
-                    "is only read when synth.filter_metric names a score", "set synth.filter_metric or drop them")
+        rules.check(
+            bool(self.filter_metric) or not unused,
+            ("filter_threshold", "filter_weights", "filter_metric"),
+            "is only read when synth.filter_metric names a score",
+            "set synth.filter_metric or drop them",
+        )

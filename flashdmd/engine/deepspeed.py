@@ -236,10 +236,6 @@ class DeepSpeedEngine(Engine):
         return common.all_reduce_mean(value, self.device)
 
     # ---------------------------------------------------------------- state
-    def _layout(self, name: str) -> list[list[int]]:
-        """Partition sizes per sub-group: a checkpoint only fits an identically partitioned engine."""
-        return [[int(t.numel())] for t in self._engine(name).optimizer.fp32_partitioned_groups_flat]
-
     def save(self, step_dir: Path) -> None:
         for name, engine in self.engines.items():
             folder = Path(step_dir) / name
@@ -248,7 +244,6 @@ class DeepSpeedEngine(Engine):
             tensors, meta = split_optimizer_state(state["optimizer_state_dict"])
             tensors.update({f"fp32.{i}": t for i, t in enumerate(state["fp32_flat_groups"])})
             save_tensors(folder / f"rank{self.rank:05d}.safetensors", tensors)
-            meta.update(world_size=self.world_size, layout=self._layout(name))
             save_json(folder / f"rank{self.rank:05d}.json", meta)
             if self.native_layout:
                 engine.save_checkpoint(str(folder), tag=NATIVE_TAG)

@@ -178,7 +178,9 @@ FEATURE_NETWORKS: dict[str, Callable[[str, torch.device], tuple[Features, str]]]
 }  # fmt: skip
 
 
-def save_reference_stats(metric: str, reference: str | Path, out: str | Path, weights: str, device: str = "cpu") -> Path:
+def save_reference_stats(
+    metric: str, reference: str | Path, out: str | Path, weights: str, device: str = "cpu"
+) -> Path:
     """Write the .npz of a reference set's feature statistics (``metric`` "fid" or "fd_clip"), for reuse."""
     features, tag = FEATURE_NETWORKS[metric](weights, torch.device(device))
     mu, sigma = gaussian_from_sums(*feature_sums(features, reference_files(Path(reference)), 32))

@@ -133,6 +133,18 @@ def run_tags(cfg: Config, stage: str, git: dict[str, Any], parent_name: str | No
     return {key: _clip(str(value), MAX_TAG_VAL_LENGTH) for key, value in tags.items()}
 
 
+def run_page(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where to see a run: its page in the MLflow UI, in the model-training view.
+
+    MLflow 3's UI picks the GenAI or the model-training view from ``?workflowType=`` (else the
+    browser's last choice); the experiment's ``mlflow.experimentKind`` tag is what older 3.x UIs read.
+    """
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
+
+
 def grid_shape(n: int) -> tuple[int, int]:
     """(rows, cols) with rows * cols == n and rows <= cols as close as possible: no empty cell."""
     rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
@@ -161,6 +173,10 @@ class NullTracker:
 
     @property
     def run_id(self) -> str | None:
+        return None
+
+    @property
+    def page(self) -> str | None:
         return None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -203,6 +219,7 @@ class Tracker(NullTracker):
 
         self._lock = threading.Lock()
         self._run_id: str | None = None
+        self._experiment_id: str | None = None
         self._ready = threading.Event()  # the run exists, or the first attempt failed
         self._flushed: dict[int, threading.Event] = {}
         self._next_flush = 0
@@ -231,6 +248,13 @@ class Tracker(NullTracker):
     def run_id(self) -> str | None:
         """The MLflow run id; None only while the store has not answered since the start."""
         return self._run_id
+
+    @property
+    def page(self) -> str | None:
+        """The run's page in the MLflow UI (``run_page``); None while the store has not answered."""
+        if self._run_id is None or self._experiment_id is None:
+            return None
+        return run_page(self._uri, self._experiment_id, self._run_id)
 
     @property
     def writer_pid(self) -> int:
@@ -347,7 +371,7 @@ class Tracker(NullTracker):
         for line in self._proc.stdout:
             reply = json.loads(line)
             if "run_id" in reply:
-                self._run_id = reply["run_id"]
+                self._run_id, self._experiment_id = reply["run_id"], reply.get("experiment_id")
                 self._ready.set()
             elif "unreachable" in reply:
                 self._ready.set()

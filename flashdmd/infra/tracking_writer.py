@@ -216,7 +216,7 @@ class Writer:
         try:
             if self.run_id is None:
                 self.run_id = self.start_run()
-                self.reply({"run_id": self.run_id})
+                self.reply({"run_id": self.run_id, "experiment_id": self.client.get_run(self.run_id).info.experiment_id})
                 self.start_monitor()
             while self.ops:
                 self.apply(self.ops[0])

@@ -32,7 +32,9 @@ from flashdmd.nets.parts import Parts
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    """GroupNorm(32) as DMD2 (1280 channels), with at least 4 channels per group on narrow tiny
+    heads: on the final 1x1 map a group of one channel would normalise every logit to 0."""
+    return nn.GroupNorm(math.gcd(32, max(1, channels // 4)), channels)
 
 
 class ClassifierHead(nn.Module):

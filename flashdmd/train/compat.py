@@ -4,7 +4,10 @@
 loads anything, ``check_resume`` compares it with the running config and refuses with one
 message listing every difference (family, job, student timesteps, LoRA) and the two ways out.
 Checkpoints written before these keys existed carry only family and job; absent keys are not
-compared. Network shapes are checked again, key by key, by the engine's loader.
+compared. Network shapes are checked again, key by key, by the engine's loader. The world size
+is deliberately not part of the identity: every engine re-shards from the step directory's map
+and the data positions are re-split (flashdmd/train/checkpoint.py), so a requeued job on fewer or
+more nodes resumes.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ forward is collective), from the networks as they are after that step:
 - ``dm_grad_norm/t<T>``: the generator's gradient norm on the steps whose DM branch was student
   step T (spec 1.3), averaged since the last log step (observed every step, from the engine's
   ``generator_grad_norm``), so a collapse or blow-up at one timestep is not averaged away;
-  ``count/health/dm_grad_norm/t<T>`` says over how many updates (``flashdmd.train.window``);
+  ``steps/health/dm_grad_norm/t<T>`` says over how many updates (``flashdmd.train.window``);
 - ``d_logit_gap``: mean D(real) - mean D(fake) of this step (spec 1.8): a gap growing without bound
   means the discriminator wins and the GAN gradient vanishes or explodes;
 - ``latent_mean`` / ``latent_std`` and their drift from the first measurement of this run

@@ -164,6 +164,8 @@ class Trainer:
         parent = self.handoff.run_id if self.handoff else None
         parent_name = self.handoff.folder.resolve().parent.name if self.handoff else None  # <run_dir>/final
         tracker = open_tracker(self.cfg, self.ctx.rank, run_id, parent, stage=self.job, parent_name=parent_name)
+        if tracker.page:
+            log.info("MLflow run %s (%s): %s", self.cfg.name, tracker.run_id, tracker.page)
         if self.ctx.is_main and run_id is None:
             self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (self.cfg.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
@@ -181,6 +183,8 @@ class Trainer:
         preemption = Preemption(cfg, self.ctx)
         progress = Progress(self.iterations, step, enabled=self.ctx.is_main)
         window = MetricWindow()  # every iteration's metrics since the last log step
+        if step == 0 and cfg.tracking.sample_every and monitor.at_start:
+            monitor(self.engine, tracker, 0)
         status = "FAILED"
         try:
             while step < self.iterations:

@@ -26,6 +26,10 @@ MONITOR_SEED_TAG = "monitor"
 
 
 class SampleGrid:
+    # a grid before the first step too: the untrained start to compare with, and MLflow's image
+    # slider opens at step 0 ("No image logged at this step" otherwise)
+    at_start = True
+
     def __init__(self, cfg: Config, parts: Parts, device: torch.device) -> None:
         self.cfg, self.parts = cfg, parts
         with torch.no_grad():
@@ -44,6 +48,8 @@ class SampleGrid:
 
 class GMMMonitor:
     """The toy's exact quality (``flashdmd.train.gmm_quality``) as metrics at the sampling step."""
+
+    at_start = False  # metrics start at the first sampling step, like every other metric
 
     def __init__(self, cfg: Config, parts: Parts, device: torch.device) -> None:
         self.quality = GMMQuality(cfg, parts, device)

@@ -6,22 +6,23 @@ distillation losses alternate (spec 2.5), and a per-timestep statistic exists on
 iterations whose DM branch drew that timestep (spec 1.3). Logging the one iteration that lands on
 the log step therefore loses whole networks. ``MetricWindow`` keeps every value since the last
 log step instead and reports, per metric, the mean over the iterations where it occurred and
-``count/<name>``, how many those were. A metric seen earlier in the run but not in this window
+``steps/<name>``, how many those were. A metric seen earlier in the run but not in this window
 (a window shorter than the RL:DM period, a timestep not drawn) repeats its last mean with
-``count/<name>`` = 0, so every chart has a point at every log step and the count says it is old.
+``steps/<name>`` = 0, so every chart has a point at every log step and the count says it is old.
 
 Non-finite values (a skipped update's NaN loss) are left out of the mean, which would otherwise
 hide every finite value of the window; the step guard counts them (``health/skipped_steps``).
 When a metric had only non-finite values, its last value is reported, so the NaN stays visible.
 
-Names: the algorithm's ``loss_<x>`` is logged as ``loss/<x>``, one chart group in MLflow.
+Names: the algorithm's ``loss_<x>`` is logged as ``loss/<x>``, one chart group in MLflow; the
+counts go under ``steps/``, which MLflow's run page (sections in name order) shows after the losses.
 """
 from __future__ import annotations
 
 import math
 from collections import defaultdict
 
-COUNT_PREFIX = "count/"
+COUNT_PREFIX = "steps/"  # steps/<name>: the iterations of the window that reported <name>
 
 
 def display_name(key: str) -> str:
@@ -53,7 +54,7 @@ class MetricWindow:
                 self._finite[key] += 1
 
     def summary(self) -> dict[str, float]:
-        """Mean over the iterations where each metric occurred (+ ``count/<name>``); starts a new window."""
+        """Mean over the iterations where each metric occurred (+ ``steps/<name>``); starts a new window."""
         out: dict[str, float] = {}
         for key in [*self._last, *(k for k in self._previous if k not in self._last)]:
             n = self._finite.get(key, 0)

@@ -92,13 +92,19 @@ def test_ttur_skips_the_generator_but_trains_the_critics(cache):
     assert "loss_dmd" not in metrics and "loss_d" in metrics and eng.ema_calls == []
 
 
-def test_dmd2_mode_has_no_ema_pull_and_uses_one_output(cache):
-    cfg, parts, eng = setup(cache, ["stage1.mode=dmd2", "stage1.ttur=1", "stage1.dm_steps=[]", "stage1.gan_steps=[]"])
+@pytest.mark.parametrize("mode", ["dmd2", "dmd2_pixelgan"])
+def test_dmd2_modes_use_one_output_and_pull_only_when_asked(cache, mode):
+    cfg, parts, eng = setup(cache, [f"stage1.mode={mode}", "stage1.ttur=1", "stage1.dm_steps=[]",
+                                    "stage1.gan_steps=[]", "stage1.fake_ema=false"])
     s1 = Stage1(cfg.stage1, parts, eng, seed=0)
     assert {s1.plan(i).gan_index for i in range(20)} == {None}
     assert {s1.plan(i).dm_index for i in range(40)} == {0, 1, 2, 3}  # every student step
     metrics = s1.step(0, batch(parts))
     assert eng.ema_calls == [] and {"loss_dmd", "loss_gan_g", "loss_fake", "loss_d"} <= set(metrics)
+    # the config is what runs: fake_ema=true adds Flash-DMD's pull to the baseline (an ablation)
+    cfg, parts, eng = setup(cache, [f"stage1.mode={mode}", "stage1.ttur=1", "stage1.dm_steps=[]", "stage1.gan_steps=[]"])
+    Stage1(cfg.stage1, parts, eng, seed=0).step(0, batch(parts))
+    assert eng.ema_calls == [("fake_score", "generator", cfg.stage1.fake_ema_decay)]
 
 
 def test_plan_is_identical_across_ranks_and_noise_is_not(cache):
@@ -156,3 +162,16 @@ def test_stage2_needs_a_reference(cache):
     cfg, parts, eng = setup(cache)
     with pytest.raises(ValueError, match="reference"):
         Stage2(cfg, parts, eng, 0, Stage1(cfg.stage1, parts, eng, 0))
+
+
+@pytest.mark.parametrize("fraction,share", [(1.0, 16), (0.25, 4), (0.01, 1)])
+def test_the_gan_branch_runs_on_its_share_of_the_batch(cache, fraction, share):
+    cfg, parts, eng = setup(cache, ["stage1.ttur=1", f"stage1.gan_batch_fraction={fraction}"])
+    data = batch(parts)
+    sizes: list[int] = []
+    parts.discriminator.register_forward_hook(lambda m, args, out: sizes.append(len(args[0])))
+    decoded: list[int] = []
+    parts.decoder.register_forward_hook(lambda m, args, out: decoded.append(len(args[0])))
+    Stage1(cfg.stage1, parts, eng, seed=0).step(0, data)
+    assert decoded == [share]  # one decode of the GAN-branch outputs only
+    assert sizes == [share, share, share]  # generator loss, then D on real and on fake

@@ -1,6 +1,7 @@
 """The synth job on tiny-sd3: two ranks through jobs/submit.py write the bytes one rank writes, the
 shards pass data_tools/inspect_shards.py and feed the stage-1 trainer, a run killed mid-shard and
 rerun ends with every image exactly once, and the curation filter keeps what its score says."""
+
 from __future__ import annotations
 
 import io
@@ -29,9 +30,18 @@ N = 6  # more images than prompts: prompts cycle, each image its own seed
 
 
 def overrides(root: Path, name: str, *extra: str) -> list[str]:
-    return [f"run_root={root}", f"name={name}", f"model.cache_dir={root / 'cache'}", f"synth.prompts={root / 'p.txt'}",
-            f"synth.num_images={N}", "synth.steps=2", "synth.resolution=32", "synth.per_shard=3",
-            "synth.batch_size=1", *extra]
+    return [
+        f"run_root={root}",
+        f"name={name}",
+        f"model.cache_dir={root / 'cache'}",
+        f"synth.prompts={root / 'p.txt'}",
+        f"synth.num_images={N}",
+        "synth.steps=2",
+        "synth.resolution=32",
+        "synth.per_shard=3",
+        "synth.batch_size=1",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +85,26 @@ def test_single_rank_shards_are_complete_and_logged(world):
     assert Image.open(io.BytesIO(found["000000005.png"])).size == (32, 32)
     assert sorted(p.name for p in (cfg.run_dir / "shards").glob("*.tar")) == ["synth-000000.tar", "synth-000001.tar"]
 
-    report = subprocess.run([sys.executable, str(REPO_ROOT / "data_tools" / "inspect_shards.py"),
-                             str(cfg.run_dir / "shards"), "--strict", "--resolution", "64"],
-                            capture_output=True, text=True, timeout=300)
+    report = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "data_tools" / "inspect_shards.py"),
+            str(cfg.run_dir / "shards"),
+            "--strict",
+            "--resolution",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert report.returncode == 0 and f"{N} good" in report.stdout and "bad: none" in report.stdout, report.stdout
 
     client = mlflow.MlflowClient(cfg.tracking_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
-                                filter_string="tags.`flashdmd.stage` = 'synth'")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+        filter_string="tags.`flashdmd.stage` = 'synth'",
+    )
     assert run.data.metrics["synth/generated"] == N and run.data.metrics["synth/kept_fraction"] == 1.0
     assert run.data.metrics["synth/images_per_s"] > 0 and run.data.params["synth.steps"] == "2"
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["sample_grid.png"]
@@ -92,8 +114,18 @@ def test_single_rank_shards_are_complete_and_logged(world):
 def test_two_ranks_write_what_one_writes_and_stage1_trains_on_it(world):
     root, reference = world
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(REPO_ROOT / "jobs" / "submit.py"), "synth", "--config", "tiny-sd3",
-               "--executor", "local", "--gpus-per-node", "2", *overrides(root, "two")]
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "jobs" / "submit.py"),
+        "synth",
+        "--config",
+        "tiny-sd3",
+        "--executor",
+        "local",
+        "--gpus-per-node",
+        "2",
+        *overrides(root, "two"),
+    ]
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     two = members(root / "two" / "shards")
@@ -101,9 +133,18 @@ def test_two_ranks_write_what_one_writes_and_stage1_trains_on_it(world):
 
     from flashdmd.train.main import main as train
 
-    cfg = load_config("tiny-sd3", [f"run_root={root}", "name=train", f"model.cache_dir={root / 'cache'}",
-                                   f"data.shards={root / 'two' / 'shards'}",
-                                   "stage1.iterations=1", "checkpoint.every=1", "tracking.sample_every=0"])
+    cfg = load_config(
+        "tiny-sd3",
+        [
+            f"run_root={root}",
+            "name=train",
+            f"model.cache_dir={root / 'cache'}",
+            f"data.shards={root / 'two' / 'shards'}",
+            "stage1.iterations=1",
+            "checkpoint.every=1",
+            "tracking.sample_every=0",
+        ],
+    )
     train(cfg, "stage1")
     assert (cfg.run_dir / "final").is_dir()
 
@@ -136,14 +177,27 @@ def test_the_filter_keeps_images_scoring_over_the_threshold(world):
     cfg = EvalConfig(metrics=["pickscore"], weights={"pickscore": str(clip)})  # unclamped: no ties at 0
     scorer = build_metrics(cfg)[0]["pickscore"]
     pngs = images_of(members(reference.run_dir / "shards"))
-    pixels = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(pngs[k])))).permute(2, 0, 1)
-                          for k in sorted(pngs)]).float() / 127.5 - 1
+    pixels = (
+        torch.stack(
+            [torch.from_numpy(np.array(Image.open(io.BytesIO(pngs[k])))).permute(2, 0, 1) for k in sorted(pngs)]
+        ).float()
+        / 127.5
+        - 1
+    )
     scores = scorer.score(pixels, [PROMPTS[i % len(PROMPTS)] for i in range(N)])
     ordered = scores.sort().values
     threshold = float(ordered[N // 2 - 1] + ordered[N // 2]) / 2  # halfway between two images' scores
 
-    cfg = load_config("tiny-sd3", overrides(root, "curated", "synth.filter_metric=pickscore",
-                                            f"synth.filter_threshold={threshold}", f"synth.filter_weights={clip}"))
+    cfg = load_config(
+        "tiny-sd3",
+        overrides(
+            root,
+            "curated",
+            "synth.filter_metric=pickscore",
+            f"synth.filter_threshold={threshold}",
+            f"synth.filter_weights={clip}",
+        ),
+    )
     result = main(cfg, "synth")
     kept = sorted(images_of(members(cfg.run_dir / "shards")))
     expected = [f"{i:09d}.png" for i in range(N) if scores[i] >= threshold]

@@ -4,7 +4,9 @@ the frozen discriminator and decoder, EMA pull of the fake score, three optimize
 
 Tolerance: the sharded runs sum gradient norms and all-reduce in a different order than one
 process, so weights and losses agree to 1e-5 (observed ~6e-8). Resume of the sharded engines is
-tested on tiny-sdxl (tests/engine/test_engine_stage1.py), bitwise local resume in tests/train/test_checkpoint.py.
+tested on tiny-sdxl (tests/engine/test_engine_stage1.py), bitwise local resume in tests/train/test_checkpoint.py,
+resume at another world size and the step directories training writes (read on one process, by
+DeepSpeed's zero_to_fp32, by the apps) in tests/engine/test_checkpoint_reshard.py and test_checkpoint_apps.py.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """data_tools/make_coco10k.py on a small COCO-style captions file: a seeded draw of distinct images,
 one caption each (the lowest annotation id), prompts and reference images in the same order, the
 same files for the same seed, and a reference list the FID metric reads."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,11 @@ from flashdmd.eval.fid import reference_files
 
 def coco_file(tmp_path, n: int = 30):
     images = [{"id": 100 + i, "file_name": f"COCO_val2014_{100 + i:012d}.jpg"} for i in range(n)]
-    annotations = [{"id": 1000 + 2 * i + k, "image_id": 100 + i, "caption": f" caption {k} of  image {i} "}
-                   for i in range(n) for k in (1, 0)]  # the lower id is written second
+    annotations = [
+        {"id": 1000 + 2 * i + k, "image_id": 100 + i, "caption": f" caption {k} of  image {i} "}
+        for i in range(n)
+        for k in (1, 0)
+    ]  # the lower id is written second
     path = tmp_path / "captions_val2014.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations}))
     folder = tmp_path / "val2014"

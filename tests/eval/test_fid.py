@@ -5,11 +5,16 @@ pickle that is not a plain state dict is refused."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from tiny_metric_models import fid_inception_weights
+
+if importlib.util.find_spec("torch_fidelity") is None:  # installed is enough: its __init__ may need torchvision
+    pytest.skip("Inception FID needs torch-fidelity (pip install --no-deps torch-fidelity)", allow_module_level=True)
 
 from flashdmd.config import EvalConfig
 from flashdmd.eval import build_metrics
@@ -40,6 +45,7 @@ def as_input(pixels: np.ndarray) -> torch.Tensor:
 
 @pytest.mark.slow  # 48 forwards of the full-size Inception on the CPU
 def test_inception_fid_matches_torchmetrics(inception, tmp_path):
+    pytest.importorskip("torchmetrics")
     inception_class()  # torch-fidelity importable before torchmetrics looks for it
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -55,7 +61,9 @@ def test_inception_fid_matches_torchmetrics(inception, tmp_path):
     ours = metrics["fid"].compute()
 
     with weights_only_loads():  # antialias=False: torch-fidelity's (and TF's) resize, not torchmetrics' default
-        reference = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(inception), antialias=False)
+        reference = FrechetInceptionDistance(
+            feature=2048, feature_extractor_weights_path=str(inception), antialias=False
+        )
     reference.set_dtype(torch.float64)
     reference.update(torch.from_numpy(real).permute(0, 3, 1, 2), real=True)
     reference.update(torch.from_numpy(fake).permute(0, 3, 1, 2), real=False)
@@ -66,7 +74,9 @@ def test_inception_fid_matches_torchmetrics(inception, tmp_path):
     (tmp_path / "ref.txt").write_text("".join(f"ref/{i:03d}.png\n" for i in range(N)))
     npz = save_reference_stats("fid", tmp_path / "ref.txt", tmp_path / "ref.npz", str(inception))
     for source in (tmp_path / "ref.txt", npz):
-        again, _ = build_metrics(EvalConfig(metrics=["fid"], weights={"fid": str(inception)}, reference_images=str(source)))
+        again, _ = build_metrics(
+            EvalConfig(metrics=["fid"], weights={"fid": str(inception)}, reference_images=str(source))
+        )
         again["fid"].update(as_input(fake), PROMPTS)
         assert again["fid"].compute() == pytest.approx(ours, rel=1e-6)
 
@@ -80,7 +90,9 @@ def test_weights_that_are_not_a_state_dict_are_refused(tmp_path, capsys):
     (tmp_path / "ref").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ref" / "0.png")
     torch.save({"Conv2d_1a_3x3.conv.weight": Payload()}, tmp_path / "evil.pth")
-    cfg = EvalConfig(metrics=["fid"], weights={"fid": str(tmp_path / "evil.pth")}, reference_images=str(tmp_path / "ref"))
+    cfg = EvalConfig(
+        metrics=["fid"], weights={"fid": str(tmp_path / "evil.pth")}, reference_images=str(tmp_path / "ref")
+    )
     built, skipped = build_metrics(cfg)
     assert not built and "not the FID Inception state dict" in skipped["fid"]
     assert "executed" not in capsys.readouterr().out

@@ -29,12 +29,11 @@ def test_local_executor_two_processes_preempt_and_resume(tmp_path):
                                 "name=local"])
     sub = launcher.submit(build_plan("stage1", "gmm2d", cfg), cfg, entry="probe_job:main", pythonpath=[str(PROBE_DIR)])
     run_dir = sub.cfg.run_dir
-    deadline = time.time() + 120
     while not any(e["event"] == "step" and e["step"] >= 3 for e in events(run_dir)):
-        assert time.time() < deadline, f"no progress; see {sub.stdout}"
+        assert not sub.job.done(), f"the job ended before step 3; see {sub.stdout}"  # no clock: a loaded machine is slow
         time.sleep(0.1)
     os.kill(events(run_dir)[0]["pid"], signal.SIGUSR1)  # rank 0 only; rank 1 learns it in the all-reduce
-    results = launcher.wait(sub, timeout_s=180)
+    results = launcher.wait(sub)
     log = events(run_dir)
     kinds = [e["event"] for e in log if e["event"] != "step"]
     assert kinds == ["start", "stop", "resume", "done"], kinds

@@ -132,3 +132,28 @@ def test_checkpoint_and_hand_over_files_get_the_umask_modes(tmp_path: Path, umas
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
     assert set(modes.values()) == {0o666 & ~umask}, modes
     assert not [p for p in path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left behind
+
+
+def test_data_positions_re_split_at_another_world_size() -> None:
+    """2 -> 1 -> 3 ranks: totals (samples, bad items, items seen) are kept, every rank keeps the common
+    batch count, the streams restart fresh; a deterministic stream refuses, naming the fix."""
+    from flashdmd.data.bad_samples import DataError
+    from flashdmd.data.position import DataPosition, resplit_streams
+
+    saved = []
+    for rank in range(2):
+        pos = DataPosition.start("resampled", 7, rank, 2, 2)
+        pos.batches, pos.samples, pos.seen, pos.raw = 5, 10, 11 + rank, [6, 5]
+        pos.bad = {"decode": 1 + rank}
+        saved.append({"images": pos.state_dict()})
+    one = resplit_streams(saved, 0, 1)
+    merged = DataPosition.from_state_dict(one["images"])
+    assert (merged.batches, merged.samples, merged.seen, merged.bad) == (5, 20, 23, {"decode": 3})
+    resumed = merged.resumed("resampled", 7, 0, 1, 2)
+    assert resumed.restart == 1 and resumed.raw == [0, 0] and resumed.world_size == 1
+    three = [DataPosition.from_state_dict(resplit_streams([one], r, 3)["images"]) for r in range(3)]
+    assert [p.batches for p in three] == [5, 5, 5] and sum(p.samples for p in three) == 20
+    assert [p.rank for p in three] == [0, 1, 2]
+    exact = DataPosition.start("deterministic", 7, 0, 2, 1).state_dict()
+    with pytest.raises(DataError, match="data.resampled=true"):
+        resplit_streams([{"images": exact}, {"images": exact}], 0, 1)

@@ -50,13 +50,13 @@ def test_window_means_over_the_steps_where_each_metric_occurred():
     window.add({"loss_fake": 5.0}, seconds=1.0, samples=8)
     assert (window.steps, window.seconds, window.samples) == (3, 2.0, 24)
     summary = window.summary()
-    assert summary == {"loss_fake": 3.0, "count/loss_fake": 3.0, "loss_dmd": 4.0, "count/loss_dmd": 1.0}
+    assert summary == {"loss_fake": 3.0, "steps/loss_fake": 3.0, "loss_dmd": 4.0, "steps/loss_dmd": 1.0}
     assert window.steps == 0
     window.add({"x": math.inf})
     later = window.summary()
     assert math.isinf(later["x"])  # only non-finite values: the last one stays visible
     # metrics absent from this window (an RL:DM period longer than it) repeat their last mean, count 0
-    assert (later["loss_fake"], later["count/loss_fake"], later["loss_dmd"], later["count/loss_dmd"]) == (3.0, 0, 4.0, 0)
+    assert (later["loss_fake"], later["steps/loss_fake"], later["loss_dmd"], later["steps/loss_dmd"]) == (3.0, 0, 4.0, 0)
     assert display_name("loss_gan_g") == "loss/gan_g" and display_name("generator_lr") == "generator_lr"
 
 
@@ -68,13 +68,13 @@ def test_ttur_2_logs_every_loss_of_every_network_at_every_log_step(tmp_path: Pat
     for key in (*STAGE1_LOSSES, "generator_lr", "generator_grad_norm", "fake_score_lr", "discriminator_lr"):
         assert [m.step for m in logged[key]] == [10, 20, 30], key
     # the window's counts: 5 generator updates (TTUR 2) and 10 fake-score updates per 10 iterations
-    assert [m.value for m in logged["count/loss/dmd"]] == [5.0, 5.0, 5.0]
-    assert [m.value for m in logged["count/loss/fake"]] == [10.0, 10.0, 10.0]
+    assert [m.value for m in logged["steps/loss/dmd"]] == [5.0, 5.0, 5.0]
+    assert [m.value for m in logged["steps/loss/fake"]] == [10.0, 10.0, 10.0]
     # per-timestep gradient norms: every student DM step drawn in a window, with counts adding up
     per_t = [k for k in logged if k.startswith("health/dm_grad_norm/t")]
     assert per_t
     for step in (10, 20, 30):
-        counts = [m.value for k in per_t for m in logged[f"count/{k}"] if m.step == step]
+        counts = [m.value for k in per_t for m in logged[f"steps/{k}"] if m.step == step]
         assert sum(counts) == 5.0
     assert not any(k.startswith("loss_") for k in logged)  # losses only under loss/
     lines = [r.getMessage() for r in caplog.records if r.name == "flashdmd.progress"]
@@ -92,8 +92,8 @@ def test_stage2_logs_rl_and_distillation_losses_at_every_log_step(tmp_path: Path
     for key in ("loss/rl", "loss/dmd", "loss/gan_g", "loss/fake", "loss/d"):
         assert [m.step for m in logged[key]] == [6, 12, 18], key
     # 5 RL updates to 1 distillation update in every window of 6 iterations; the fake score and D every one
-    assert [m.value for m in logged["count/loss/rl"]] == [5.0] * 3 and [m.value for m in logged["count/loss/dmd"]] == [1.0] * 3
-    assert [m.value for m in logged["count/loss/fake"]] == [6.0] * 3
+    assert [m.value for m in logged["steps/loss/rl"]] == [5.0] * 3 and [m.value for m in logged["steps/loss/dmd"]] == [1.0] * 3
+    assert [m.value for m in logged["steps/loss/fake"]] == [6.0] * 3
     tags = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id_of(s2)).data.tags
     assert tags["parent"] == "s1" and tags["job"] == "stage2" and "rl5:1" in tags["mode"]
     assert "s1" in tags["mlflow.note.content"]
