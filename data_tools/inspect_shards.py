@@ -6,7 +6,8 @@
 Every sample is decoded exactly as the loaders decode it (flashdmd.data.decode), so a sample
 reported bad here is one the training run would skip. Prints per-shard counts, for each member
 extension the fraction of samples that have it, and every bad sample with its reason, key and
-shard; ``--json`` writes the same as a file; ``--sheet`` draws the first images (or, for latent
+shard. The totals add up: samples read = good + bad samples; shard-level problems (unreadable
+shard, truncated or ungrouped tar) are counted apart, as they are no sample of their own; ``--json`` writes the same as a file; ``--sheet`` draws the first images (or, for latent
 shards, the first three latent channels as RGB) with their captions. ``--strict`` exits 1 when
 any sample is bad.
 """
@@ -24,7 +25,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flashdmd.data.bad_samples import BadSamples  # noqa: E402
+from flashdmd.data.bad_samples import SHARD_REASONS, BadSamples  # noqa: E402
 from flashdmd.data.decode import BadSample, decode_caption, decode_image, decode_latent  # noqa: E402
 from flashdmd.data.shards import expand_shards, read_shard  # noqa: E402
 
@@ -78,11 +79,14 @@ def inspect(pattern: str, resolution: int = 64, latent: bool = False, sheet_coun
             bad.ok()
             if len(thumbs) < sheet_count:
                 thumbs.append((caption, tensor))
+    bad_samples = sum(n for reason, n in bad.counts.items() if reason not in SHARD_REASONS)
     summary = {
         "pattern": pattern,
         "shards": len(urls),
         "samples": samples,
         "good": bad.good,
+        "bad_samples": bad_samples,
+        "shard_problems": sum(bad.counts.values()) - bad_samples,
         "per_shard": per_shard,
         "coverage": {ext: round(n / max(samples, 1), 4) for ext, n in sorted(coverage.items())},
         "bad_counts": dict(bad.counts),
@@ -105,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if not summary["shards"]:
         print(f"error: {args.shards} matches no shard", file=sys.stderr)
         return 2
-    print(f"{summary['shards']} shards, {summary['samples']} samples, {summary['good']} good")
+    print(f"{summary['shards']} shards, {summary['samples']} samples: {summary['good']} good, "
+          f"{summary['bad_samples']} bad; {summary['shard_problems']} shard-level problems")
     for url, n in summary["per_shard"].items():
         print(f"  {n:8d}  {url}")
     print("key coverage: " + ", ".join(f"{ext} {frac:.0%}" for ext, frac in summary["coverage"].items()))

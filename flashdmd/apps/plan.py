@@ -164,11 +164,13 @@ def _stage1_turn(cfg: Config, arch: Architecture, batch: int, scale: float) -> T
         dec = one.decoder * gan_n
     sam = (one.sam_gc if e.sam_checkpointing else one.sam) * gan_n
     units.append(one.sam_gc_unit * gan_n if e.sam_checkpointing else 0)
+    chunk = min(e.decode_micro_batch, gan_n) if e.decode_micro_batch > 0 else gan_n
+    buffers = 2 * max(one.largest["generator"] * batch, one.largest["decoder"] * chunk, one.largest["sam"] * gan_n)
     branches = 2 if flash else 1
     rows = [Row(f"act: generator x{branches}", 0, activations=int(scale * gen)),
             Row("act: VAE decode", 0, activations=int(scale * dec)),
             Row("act: SAM + heads", 0, activations=int(scale * sam)),
-            Row("act: recompute", 0, activations=int(scale * max(units)))]
+            Row("act: recompute + grads", 0, activations=int(scale * (max(units) + buffers)))]
     return Turn(rows, "stage-1 generator turn")
 
 
@@ -180,9 +182,9 @@ def _rl_turn(cfg: Config, arch: Architecture, batch: int, scale: float) -> Turn:
     one = per_sample(arch, cfg.data.resolution, get_family(cfg.model.family).latent_shape(cfg.data.resolution))
     n, transitions = s2.rl_batch_size or batch, len(s2.rl_transitions)
     gen = (one.generator_gc if e.gradient_checkpointing else one.generator) * n * transitions
-    unit = one.generator_gc_unit * n if e.gradient_checkpointing else 0
+    unit = (one.generator_gc_unit if e.gradient_checkpointing else 0) + 2 * one.largest["generator"]
     return Turn([Row(f"act: policy x{transitions}", 0, activations=int(scale * gen)),
-                 Row("act: recompute", 0, activations=int(scale * unit))], "stage-2 RL turn")
+                 Row("act: recompute + grads", 0, activations=int(scale * unit * n))], "stage-2 RL turn")
 
 
 def _reward_present(cfg: Config, arch: Architecture, stage: int) -> bool:

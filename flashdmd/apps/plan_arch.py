@@ -72,6 +72,7 @@ class PerSample:
     sam_gc: int
     sam_gc_unit: int
     latent: int  # one latent (what a checkpointed decode chunk keeps)
+    largest: dict[str, int] = field(default_factory=dict)  # network -> its largest saved tensor (backward's buffers)
 
 
 @dataclass
@@ -223,9 +224,14 @@ class _SavedBytes:
     def total(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
+    @property
+    def largest(self) -> int:
+        return max((t.numel() * t.element_size() for t in self.tensors.values()), default=0)
+
     def keep(self, t: Tensor) -> None:
-        if id(t) not in self.params:
-            self.tensors[id(t)] = t
+        base = t._base if t._base is not None else t  # a view shares its base's storage: count the base once
+        if id(t) not in self.params and id(base) not in self.params:
+            self.tensors[id(base)] = base
 
     def _pack(self, t: Tensor) -> Tensor:
         self.keep(t)
@@ -247,8 +253,9 @@ class _SavedBytes:
         F.scaled_dot_product_attention = self._sdpa
 
 
-def saved(modules: list[nn.Module], run: Callable[[], Any], checkpointing: bool = False) -> tuple[int, int]:
-    """(bytes autograd saves while ``run()`` executes, largest recomputed unit's own bytes).
+def saved(modules: list[nn.Module], run: Callable[[], Any], checkpointing: bool = False) -> tuple[int, int, int]:
+    """(bytes autograd saves while ``run()`` executes, largest recomputed unit's own bytes, largest
+    saved tensor: backward holds about two such gradients at once).
 
     With ``checkpointing`` (the modules' diffusers/transformers checkpointing switched on) the
     saved bytes include each checkpointed unit's inputs, which the checkpoint keeps alive."""
@@ -278,7 +285,7 @@ def saved(modules: list[nn.Module], run: Callable[[], Any], checkpointing: bool 
     finally:
         for sub, func in patched:
             sub._gradient_checkpointing_func = func
-    return probe.total, unit[0]
+    return probe.total, unit[0], probe.largest
 
 
 def denoiser_run(arch: Architecture, batch: int, latent: tuple[int, int, int],
@@ -321,11 +328,12 @@ def sam_run(arch: Architecture, batch: int) -> Callable[[], Any]:
     return run
 
 
-def _with_checkpointing(enable: Callable[[], None], disable: Callable[[], None], probe: Callable[[], tuple[int, int]]
-                        ) -> tuple[int, int]:
+def _with_checkpointing(enable: Callable[[], None], disable: Callable[[], None],
+                        probe: Callable[[], tuple[int, int, int]]) -> tuple[int, int]:
+    """(saved bytes, largest unit) of ``probe`` with a network's checkpointing switched on."""
     enable()
     try:
-        return probe()
+        return probe()[:2]
     finally:
         disable()
 
@@ -337,15 +345,15 @@ def per_sample(arch: Architecture, resolution: int, latent: tuple[int, int, int]
     if resolution in arch.probed:
         return arch.probed[resolution]
     net = arch.denoiser.requires_grad_(True)
-    gen, _ = saved([net], denoiser_run(arch, 1, latent))
+    gen, _, gen_big = saved([net], denoiser_run(arch, 1, latent))
     gen_gc = _with_checkpointing(net.enable_gradient_checkpointing, net.disable_gradient_checkpointing,
                                  lambda: saved([net], denoiser_run(arch, 1, latent), checkpointing=True))
     vae = arch.vae.requires_grad_(False)
-    dec, _ = saved([vae], decode_run(arch, 1, latent))
+    dec, _, dec_big = saved([vae], decode_run(arch, 1, latent))
     dec_gc = _with_checkpointing(vae.enable_gradient_checkpointing, vae.disable_gradient_checkpointing,
                                  lambda: saved([vae], decode_run(arch, 1, latent), checkpointing=True))
     modules = [arch.sam.requires_grad_(False), arch.heads]
-    sam, _ = saved(modules, sam_run(arch, 1))
+    sam, _, sam_big = saved(modules, sam_run(arch, 1))
     arch.sam.train()  # transformers checkpoints training-mode layers only (nets/discriminator.py)
     try:
         sam_gc = _with_checkpointing(lambda: set_checkpointing(arch.sam, True), lambda: set_checkpointing(arch.sam, False),
@@ -355,6 +363,7 @@ def per_sample(arch: Architecture, resolution: int, latent: tuple[int, int, int]
     side = arch.sam.config.image_size
     resize = 3 * resolution * resolution * 4 if side != resolution else 0  # the resize saves its input
     one = PerSample(gen, *gen_gc, dec, *dec_gc, sam + resize, sam_gc[0] + resize, sam_gc[1],
-                    latent=4 * latent[0] * latent[1] * latent[2])
+                    latent=4 * latent[0] * latent[1] * latent[2],
+                    largest={"generator": gen_big, "decoder": dec_big, "sam": sam_big})
     arch.probed[resolution] = one
     return one

@@ -12,8 +12,12 @@ text encoders, the LRM's down and mid blocks. An iteration composes them the way
   with grad, the DMD target (teacher with CFG, fake score), the GAN branch on
   ``stage1.gan_batch_fraction`` of the batch (roll-out to zero, the re-noised forward with grad,
   decode, SAM); the generator is updated every ``ttur``-th iteration, the other iterations run
-  the same forwards without grad; then the fake-score and discriminator turns. DMD2 mode decodes
-  the DM output itself (no GAN-branch forward).
+  the same forwards without grad; then the fake-score and discriminator turns. With
+  ``gan_input=rollout_state`` the roll-out stops at the GAN step's own input state. DMD2 mode
+  (spec 4.2) has no decode and no SAM: its classifier reads the fake score's bottleneck, counted
+  as the forward up to the mid block (DMD2's classify mode) for the generator's fakes (frozen,
+  gradient to the input) and for the fake-score turn's fakes and reals (trainable); the
+  dmd2_pixelgan ablation decodes the DM output itself (no GAN-branch forward).
 - stage 2: ``rl_per_dm`` RL iterations (K candidates per transition scored by the LRM, the
   reference at each state, one policy forward with grad per transition) per stage-1 iteration.
 
@@ -40,11 +44,34 @@ class UnitFlops:
     sam: int
     text: int
     lrm: int
+    bottleneck: int  # the denoiser's forward up to its bottleneck (DMD2's classify mode)
 
 
 def _count(run: object) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         run()
+    return counter.get_total_flops()
+
+
+class _AtBottleneck(Exception):
+    """Stops a counted forward once the bottleneck module has run."""
+
+
+def _count_to_bottleneck(arch: Architecture, latent: tuple[int, int, int]) -> int:
+    from flashdmd.nets.dmd2_classifier import bottleneck_module
+
+    def stop(*_: object) -> None:
+        raise _AtBottleneck
+
+    handle = bottleneck_module(arch.denoiser)[0].register_forward_hook(stop)
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            try:
+                denoiser_run(arch, 1, latent)()
+            except _AtBottleneck:
+                pass
+    finally:
+        handle.remove()
     return counter.get_total_flops()
 
 
@@ -56,7 +83,8 @@ def unit_flops(arch: Architecture, latent: tuple[int, int, int]) -> UnitFlops:
     text = sum(_count(lambda enc=enc: enc(tokens)) for enc in arch.text_encoders[:2])
     lrm_latent = (arch.lrm.config.in_channels, latent[1], latent[2])
     flops = UnitFlops(_count(denoiser_run(arch, 1, latent)), _count(decode_run(arch, 1, latent)),
-                      _count(sam_run(arch, 1)), text, _count(denoiser_run(arch, 1, lrm_latent, arch.lrm)))
+                      _count(sam_run(arch, 1)), text, _count(denoiser_run(arch, 1, lrm_latent, arch.lrm)),
+                      _count_to_bottleneck(arch, latent))
     arch.flops[latent] = flops
     return flops
 
@@ -77,14 +105,20 @@ def iteration_flops(cfg: Config, arch: Architecture, batch: int, latent: tuple[i
     frozen_bwd = {"decoder": 2 + (1 if e.decoder_checkpointing else 0), "sam": 2 + (1 if e.sam_checkpointing else 0)}
     flash = s1.mode == "flash" and bool(gan)
     gen = u.denoiser * batch * (k + 1 + update * (g_train - 1))
-    if flash:  # roll out to zero from the DM step (spec 1.4 step 4), then the re-noised forward
-        gen += u.denoiser * gan_n * ((len(steps) - 1 - k) + 1 + update * (g_train - 1))
+    if flash:  # the roll-out from the DM step (spec 1.4 step 4), then the re-noised forward
+        ks, js = [steps.index(t) for t in dm], [steps.index(t) for t in gan]
+        stop = (lambda j, i: len(steps)) if s1.gan_input == "rollout_to_zero" else (lambda j, i: max(j, i + 1))
+        rollout = sum(stop(j, i) - (i + 1) for i in ks for j in js) / (len(ks) * len(js))
+        gen += u.denoiser * gan_n * (rollout + 1 + update * (g_train - 1))
     cfg_passes = (2 if s1.real_guidance_scale != 1 else 1), (2 if s1.fake_guidance_scale != 1 else 1)
-    decoded = gan_n if (flash or s1.mode == "dmd2") else 0
+    decoded = gan_n if flash else batch if s1.mode == "dmd2_pixelgan" else 0
+    classify = 0.0
+    if s1.mode == "dmd2":  # generator's fakes (frozen: forward + input gradient), then fakes and reals
+        classify = u.bottleneck * (update * batch * 2 + (batch + (cfg.data.real_batch_size or batch)) * g_train)
     out = {
         "generator": gen,
         "teacher": update * u.denoiser * batch * cfg_passes[0],
-        "fake_score": u.denoiser * batch * (update * cfg_passes[1] + g_train),
+        "fake_score": u.denoiser * batch * (update * cfg_passes[1] + g_train) + classify,
         "decoder": u.decoder * decoded * (1 + update * (frozen_bwd["decoder"] - 1)),
         "discriminator": u.sam * (decoded * update * (frozen_bwd["sam"] - 1) + (decoded + batch if decoded else 0)),
         "text_encoders": u.text * batch,

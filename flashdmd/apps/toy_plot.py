@@ -8,13 +8,15 @@ the same quasi-random noise for student and teacher, a stratified truth set.
 
 - sample: ``grid.png`` with three panels (truth, teacher in 50 steps, student in its few steps),
   mode means marked, each titled with its SW2; ``samples.json`` with the metrics;
-- eval: the paper-shaped table of ``flashdmd.apps.evaluate`` with a teacher row (SW2, modes
-  covered, mean reward, mass of the reward mode) written and logged like every evaluation.
+- eval: a table with a teacher row (SW2, modes covered, mean reward, mass of the reward mode),
+  written and logged like every evaluation (``flashdmd.apps.evaluate``); its own table, as the
+  image metrics' registry knows none of the toy's metrics.
 """
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,20 +93,50 @@ def _table_metrics(metrics: dict[str, float], reward_mode: int) -> dict[str, flo
     return out
 
 
-def run_toy_eval(cfg: Config, job: str = "eval") -> Any:
-    """The eval job for gmm2d: the exact metrics of the student and the teacher, written and logged as an EvalResult."""
-    from flashdmd.apps.evaluate import EvalResult, write_results
+@dataclass
+class ToyEvalResult:
+    """What the eval job returns for gmm2d: the student's metrics, the teacher's row, the markdown table."""
+
+    step: int
+    method: str
+    nfe: int
+    num_images: int
+    metrics: dict[str, float]
+    baselines: list[dict[str, Any]]
+    table: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def toy_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: method, NFE and the toy's metrics (the image metrics' table knows none of them)."""
+    names = list(rows[-1]["metrics"])
+    lines = ["| Method | NFE | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    for row in rows:
+        cells = [f"{row['metrics'][n]:.4f}" if n in row["metrics"] else "-" for n in names]
+        lines.append(f"| {row['method']} | {row['nfe']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_toy_eval(cfg: Config, job: str = "eval") -> ToyEvalResult:
+    """The eval job for gmm2d: the exact metrics of the student and the teacher, written and logged like an
+    image evaluation (``<run>/eval/step-<N>/results.{md,json}``, ``eval/*`` at the training step)."""
+    from flashdmd.apps.evaluate import log_to_mlflow, out_dir_for
 
     quality, src, generator = _quality(cfg, cfg.eval.source or default_source(cfg, job))
     reward_mode = cfg.model.gmm.reward_mode
     student = _table_metrics(quality.measure(generator), reward_mode)
-    teacher = _table_metrics(quality.measure_points(quality.teacher()), reward_mode)
-    n = int(quality.z.shape[0])
-    result = EvalResult(step=src.step, method=f"Flash-DMD gmm2d (step {src.step})",
-                        nfe=len(quality.cfg.stage1.student_timesteps), num_images=n,
-                        prompts=f"gmm2d truth ({n} stratified points)", metrics=student, columns=list(student),
-                        baselines=[{"method": f"gmm2d teacher ({TEACHER_STEPS} steps)", "nfe": TEACHER_STEPS,
-                                    "metrics": teacher}])
-    out = write_results(cfg, src, result)
+    teacher = {"method": f"gmm2d teacher ({TEACHER_STEPS} steps)", "nfe": TEACHER_STEPS,
+               "metrics": _table_metrics(quality.measure_points(quality.teacher()), reward_mode)}
+    row = {"method": f"Flash-DMD gmm2d (step {src.step})", "nfe": len(quality.cfg.stage1.student_timesteps),
+           "metrics": student}
+    result = ToyEvalResult(step=src.step, method=row["method"], nfe=row["nfe"], num_images=int(quality.z.shape[0]),
+                           metrics=student, baselines=[teacher], table=toy_table([teacher, row]))
+    out = out_dir_for(cfg, src)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(result.table)
+    (out / "results.json").write_text(json.dumps(result.to_json() | {"source": str(src.folder)}, indent=1))
+    log_to_mlflow(cfg, src, result, out / "results.md", out / "results.md")
     log.info("step %d: %s -> %s", src.step, student, out)
     return result

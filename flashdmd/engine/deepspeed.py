@@ -284,13 +284,12 @@ class DeepSpeedEngine(Engine):
         opt, folder = engine.optimizer, reader.folder / name
         names = {id(p): n for n, p in engine.module.named_parameters()}
         groups = [[names[id(p)] for p in params] for params in opt.fp16_groups]
-        entries = reader.map(name)["tensors"]
-        saved_groups = sorted({e["group"] for e in entries.values() if "group" in e})
-        mine = {n for g in groups for n in g}
-        if saved_groups != list(range(len(groups))) or mine != {k for k, e in entries.items() if "group" in e}:
+        saved = {k: e["group"] for k, e in reader.map(name)["tensors"].items() if "group" in e}
+        mine = {n: g for g, params in enumerate(groups) for n in params}
+        if saved != mine:
             raise ValueError(f"{folder}: the checkpoint's parameters or ZeRO-3 sub-groups do not match network {name!r} "
-                             f"(e.g. {sorted(mine ^ {k for k, e in entries.items() if 'group' in e})[:5]}); "
-                             "model.family, model.lora or engine.sub_group settings differ from the run that wrote it")
+                             f"(e.g. {sorted(saved.keys() ^ mine.keys())[:5]}); model.family or model.lora differ "
+                             "from the run that wrote it")
         meta = load_json(folder / "rank00000.json")
         with safe_open(str(folder / "rank00000.safetensors"), "pt") as f:
             scalars = {k: f.get_tensor(k) for k in f.keys() if k.startswith("state.") and not f.get_slice(k).get_shape()}

@@ -101,10 +101,11 @@ class BottleneckTap:
 
 
 def bottleneck_module(denoiser: nn.Module) -> tuple[nn.Module, str]:
-    """(the module whose output is the bottleneck, "map" | "tokens" | "vector")."""
+    """(the module whose output is the bottleneck, "map" | "tokens" | "vector"); ``denoiser`` is a
+    family's denoiser or the diffusers model itself (the planner counts FLOPs on the latter)."""
     if hasattr(denoiser, "bottleneck"):  # the gmm2d MLP names its last hidden layer
         return denoiser.bottleneck, "vector"
-    model = getattr(denoiser, "model", None)
+    model = getattr(denoiser, "model", denoiser)
     if model is not None and hasattr(model, "mid_block"):
         return model.mid_block, "map"
     if model is not None and hasattr(model, "transformer_blocks"):

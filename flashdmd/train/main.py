@@ -19,6 +19,7 @@ and its last points are sent before the process exits or requeues.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import resource
@@ -35,6 +36,7 @@ from flashdmd.algo.stage2 import Stage2, reference_copy
 from flashdmd.train.checkpoint import Resumed, latest_valid, load_checkpoint, save_checkpoint
 from flashdmd.config.cli import config_from_cli
 from flashdmd.data.position import resplit_streams
+from flashdmd.data.bad_samples import RECORD_ENV, recorded_bad_samples
 from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, to_yaml
 from flashdmd.infra.distributed import DistContext, barrier, init_distributed, shutdown
 from flashdmd.engine.base import Engine
@@ -57,6 +59,7 @@ from flashdmd.infra.logs import setup_logging
 from flashdmd.infra.tracking import COMMAND_ENV, NullTracker, open_tracker
 
 log = logging.getLogger("flashdmd.train")
+BAD_SAMPLES = "bad_samples.jsonl"  # each distinct bad input item, appended by every rank's data stream
 JOBS = ("stage1", "stage2")
 
 
@@ -178,6 +181,8 @@ class Trainer:
         self._setup()
         step, run_id, data_state = self._resume()
         tracker = self._open_tracker(run_id)
+        self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        os.environ[RECORD_ENV] = str((self.cfg.run_dir / BAD_SAMPLES).resolve())  # every rank's loader appends
         batches = build_batches(cfg, self.parts, self.ctx.rank, self.ctx.world_size, self.ctx.device, data_state)
         monitor = build_monitor(cfg, self.parts, self.ctx.device)
         preemption = Preemption(cfg, self.ctx)
@@ -229,6 +234,7 @@ class Trainer:
         finally:
             tracker.close(status)
             preemption.uninstall()
+            os.environ.pop(RECORD_ENV, None)
 
     def _window_metrics(self, window: MetricWindow, bad: dict[str, int]) -> dict[str, float]:
         """The window's means and counts, time per step, throughput, memory, data, guard and update counts;
@@ -273,6 +279,11 @@ class Trainer:
             rank_state={"data": data_state}, keep_last=self.cfg.checkpoint.keep_last,
         )
         tracker.log_checkpoint(path, step)
+        bad = recorded_bad_samples(self.cfg.run_dir / BAD_SAMPLES) if self.ctx.is_main else []
+        if bad:  # the list behind the data/bad_* counts, with shards and keys
+            listing = self.cfg.run_dir / "bad_samples.json"
+            listing.write_text(json.dumps(bad, indent=1))
+            tracker.log_file(listing, "data")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

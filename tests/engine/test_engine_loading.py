@@ -14,51 +14,16 @@ whole anywhere exceeds both.
 """
 from __future__ import annotations
 
-import weakref
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-
+from allocations import AllocationLog
 from engine_world import run_ranks
+from torch import Tensor
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-
-class AllocationLog(TorchDispatchMode):
-    """Every storage created by an aten op inside, with the order of allocations and frees."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[tuple[int, int]] = []  # (+bytes | -bytes, storage key)
-        self.live: dict[int, int] = {}
-
-    def _freed(self, key: int) -> None:
-        self.events.append((-self.live.pop(key), key))
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, Tensor) and not t.is_meta and type(t) is Tensor:
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if storage.nbytes() and key not in self.live:
-                    self.live[key] = storage.nbytes()
-                    self.events.append((storage.nbytes(), key))
-                    weakref.finalize(storage, self._freed, key)
-        return out
-
-    def peak(self, exclude: set[int]) -> int:
-        total = best = 0
-        for delta, key in self.events:
-            if key not in exclude:
-                total += delta
-                best = max(best, total)
-        return best
 
 
 def _param_storages(engine: Any, names: list[str]) -> set[int]:

@@ -102,9 +102,39 @@ def test_sbatch_script_runs_two_ranks_without_the_launcher(slurm_cluster, tmp_pa
     logs = "".join(p.read_text() for pattern in ("*.out", "*.err") for p in tmp_path.glob(pattern))
     assert out.returncode == 0, out.stderr + logs
     assert cluster.job_state(job_id) == "COMPLETED"
-    assert "2 tasks" in logs and "stage1 finished" in logs
+    assert "2 tasks" in logs and logs.count("stage1 finished") == 1  # one line per job, not per rank
     assert [r["step"] for r in metric_rows(tmp_path / "sb")] == list(range(1, 7))
     assert (tmp_path / "sb" / "final" / "generator.safetensors").is_file()
+
+
+def test_sbatch_script_requeues_on_usr1_to_the_batch_shell(slurm_cluster, tmp_path, cache):
+    """`scancel --signal=USR1 --batch` (or a site's --signal=B:USR1@N) reaches only the batch shell; its trap
+    forwards it to the job step, which saves, requeues and resumes like `scancel --signal=USR1`."""
+    iterations = 40
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+         "--time=15", f"--output={tmp_path}/%j.out", f"--error={tmp_path}/%j.err",
+         "slurm/stage1.sbatch", "--config", "gmm2d", f"run_root={tmp_path}", "name=bt", f"model.cache_dir={cache}",
+         f"stage1.iterations={iterations}", "checkpoint.every=1000", *SMALL],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip().split(";")[0]
+    run_dir = tmp_path / "bt"
+    logs = lambda: "".join(p.read_text() for pattern in ("*.out", "*.err") for p in tmp_path.glob(pattern))  # noqa: E731
+    wait_for(lambda: len(metric_rows(run_dir)) >= 3 or ended(job_id), 300, "training to start")
+    assert not ended(job_id), logs()
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+    wait_for(lambda: ended(job_id), 400, "the requeued job to finish")
+    text = logs()
+    assert cluster.job_state(job_id) == "COMPLETED", text[-4000:]
+    assert cluster.job_field(job_id, "Restarts") == "1", text[-4000:]
+    assert "forwarding it to the job step" in text and "resuming run bt from step" in text
+    assert "writer process is gone" not in text and "Traceback" not in text, text[-4000:]
+    assert text.count("stage1 finished") == 1  # one line per job, from rank 0
+    assert [r["step"] for r in metric_rows(run_dir)] == list(range(1, iterations + 1))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs(client.get_experiment_by_name("flashdmd").experiment_id, "attributes.run_name = 'bt'")
+    assert run.info.status == "FINISHED" and run.data.tags["nodes"] == "2"
 
 
 def test_pipeline_runs_stage2_after_stage1_through_the_dependency(slurm_cluster, tmp_path, cache):
