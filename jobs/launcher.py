@@ -56,6 +56,7 @@ ENTRIES = {
     "synth": "flashdmd.apps.synth:main",
 }
 TRAINING_JOBS = ("stage1", "stage2")
+TOY_ENTRY = "flashdmd.apps.toy_plot:main"  # gmm2d has no images: its sample and eval jobs plot and measure points
 QUIET_PROGRESS_BARS = ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")
 SUBMITIT_LINE = re.compile(r"^(submitit |\S+ \w+ submitit: )")  # submitit's own lines, in its format or ours
 
@@ -67,6 +68,13 @@ class JobInterrupted(RuntimeError):
 def _load(entry: str) -> Callable[[Config, str], Any]:
     module, _, name = entry.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def entry_for(job: str, cfg: Config) -> str:
+    """The function a job runs (``module:function``)."""
+    if cfg.model.family == "gmm2d" and job in ("sample", "eval"):
+        return TOY_ENTRY
+    return ENTRIES[job]
 
 
 def check_entry(entry: str, job: str) -> None:
@@ -249,7 +257,7 @@ def submit(plan: JobPlan, cfg: Config, dependency: str = "", entry: str | None =
     folder = cfg.run_dir / "submitit"
     # the job process unpickles EntryJob before anything else: it must find this repository
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(REPO_ROOT), *pythonpath_from_env()]))
-    entry = entry or ENTRIES[plan.job]
+    entry = entry or entry_for(plan.job, cfg)
     paths = [str(REPO_ROOT), *(pythonpath or [])]
     sys.path[:0] = [p for p in paths if p not in sys.path]
     check_entry(entry, plan.job)

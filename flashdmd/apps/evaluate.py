@@ -265,10 +265,6 @@ def main(cfg: Config, job: str = "eval") -> EvalResult:
     """Launcher entry (every rank): evaluate ``eval.source`` (or the training run, ``sampling.default_source``)."""
     ctx = init_distributed(cfg)
     try:
-        if cfg.model.family == "gmm2d":  # exact toy metrics, no images (rank 0; the sets are small)
-            from flashdmd.apps.toy_plot import run_toy_eval
-
-            return run_toy_eval(cfg, job) if ctx.is_main else None
         student = load_student_ranked(cfg, cfg.eval.source or default_source(cfg, job), ctx.rank, ctx.device)
         result = evaluate_source(cfg, student, ctx.rank, ctx.world_size, teacher=True)
         barrier()  # rank 0's files and MLflow points exist when any rank returns

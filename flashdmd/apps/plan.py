@@ -316,7 +316,10 @@ def cheapest_fix(cfg: Config, world_size: int, stage: int, gpu_mem_gib: float, r
         return plan(changed, world, stage, gpu_mem_gib, reserve_gib, arch, suggest=False, with_flops=False).fits
 
     for text, overrides in FIXES:
-        changed = _with(cfg, overrides)
+        try:
+            changed = _with(cfg, overrides)
+        except ConfigError:  # not applicable to this config (e.g. teacher sharding on the local engine)
+            continue
         if changed != cfg and fits(changed, world_size):
             return text
     if cfg.engine.kind != "local":

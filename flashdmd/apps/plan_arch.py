@@ -356,7 +356,8 @@ def per_sample(arch: Architecture, resolution: int, latent: tuple[int, int, int]
     sam, _, sam_big = saved(modules, sam_run(arch, 1))
     arch.sam.train()  # transformers checkpoints training-mode layers only (nets/discriminator.py)
     try:
-        sam_gc = _with_checkpointing(lambda: set_checkpointing(arch.sam, True), lambda: set_checkpointing(arch.sam, False),
+        sam_gc = _with_checkpointing(lambda: set_checkpointing(arch.sam, True),
+                                     lambda: set_checkpointing(arch.sam, False),
                                      lambda: saved(modules, sam_run(arch, 1), checkpointing=True))
     finally:
         arch.sam.eval()

@@ -225,7 +225,8 @@ def new_student(cfg: Config, source: StudentSource, device: torch.device | str =
         raise ValueError(f"{source.folder} holds a {source.family} generator but model.family={cfg.model.family}; "
                          "pass the training run's preset and overrides")
     if cfg.model.family == "gmm2d":
-        raise ValueError("model.family=gmm2d has no images; its sample and eval jobs run flashdmd/apps/toy_plot.py")
+        raise ValueError("model.family=gmm2d has no images; its sample and eval jobs run flashdmd/apps/toy_plot.py "
+                         "(python jobs/submit.py sample --config gmm2d)")
     cache_dir = Path(cfg.model.cache_dir or Path(cfg.run_root) / "cache")
     # one process holds the whole student, whatever engine trained it: materialised, not meta
     return Student(build_parts(cfg, cache_dir, lazy=False), timesteps_of(cfg, source), source, torch.device(device))
@@ -261,10 +262,6 @@ def sample_prompts(cfg: Config) -> list[str]:
 
 def run_sample(cfg: Config, device: torch.device | str = "cpu") -> Path:
     """Generate the sample job's images; returns the output folder."""
-    if cfg.model.family == "gmm2d":  # no images: a scatter plot of student, teacher and truth
-        from flashdmd.apps.toy_plot import run_toy_sample
-
-        return run_toy_sample(cfg)
     prompts = sample_prompts(cfg)
     student = load_student(cfg, cfg.sample.source or default_source(cfg, "sample"), device)
     expanded = [p for p in prompts for _ in range(cfg.sample.images_per_prompt)]

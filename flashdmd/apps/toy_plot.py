@@ -1,7 +1,8 @@
 """The sample and eval jobs for the gmm2d toy: a scatter plot as its "sample grid", exact metrics as its table.
 
 The toy has no images and no prompts; what a user wants to see of a trained gmm2d student is where
-its samples fall against the truth and against the teacher it was distilled from. Both jobs load
+its samples fall against the truth and against the teacher it was distilled from. jobs/launcher.py
+runs ``main`` for the sample and eval jobs of a gmm2d config. Both jobs load
 the student exactly as for the image families (``flashdmd.apps.sample``: hand-over, checkpoint
 or run directory) and use the training monitor's low-noise sets (``flashdmd.train.gmm_quality``):
 the same quasi-random noise for student and teacher, a stratified truth set.
@@ -26,8 +27,10 @@ matplotlib.use("Agg")  # files only; no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from flashdmd.apps.evaluate import log_to_mlflow, out_dir_for  # noqa: E402
 from flashdmd.apps.sample import default_source, find_student, load_generator_weights, timesteps_of  # noqa: E402
 from flashdmd.config import Config  # noqa: E402
+from flashdmd.infra.distributed import init_distributed, shutdown  # noqa: E402
 from flashdmd.nets.registry import build_parts  # noqa: E402
 from flashdmd.train.gmm_quality import TEACHER_STEPS, GMMQuality  # noqa: E402
 
@@ -122,8 +125,6 @@ def toy_table(rows: list[dict[str, Any]]) -> str:
 def run_toy_eval(cfg: Config, job: str = "eval") -> ToyEvalResult:
     """The eval job for gmm2d: the exact metrics of the student and the teacher, written and logged like an
     image evaluation (``<run>/eval/step-<N>/results.{md,json}``, ``eval/*`` at the training step)."""
-    from flashdmd.apps.evaluate import log_to_mlflow, out_dir_for
-
     quality, src, generator = _quality(cfg, cfg.eval.source or default_source(cfg, job))
     reward_mode = cfg.model.gmm.reward_mode
     student = _table_metrics(quality.measure(generator), reward_mode)
@@ -140,3 +141,16 @@ def run_toy_eval(cfg: Config, job: str = "eval") -> ToyEvalResult:
     log_to_mlflow(cfg, src, result, out / "results.md", out / "results.md")
     log.info("step %d: %s -> %s", src.step, student, out)
     return result
+
+
+def main(cfg: Config, job: str) -> Path | ToyEvalResult | None:
+    """Launcher entry of the gmm2d sample and eval jobs: rank 0 works (the point sets are small)."""
+    if job not in ("sample", "eval"):
+        raise ValueError(f"flashdmd.apps.toy_plot runs the sample and eval jobs, not {job!r}")
+    ctx = init_distributed(cfg)
+    try:
+        if not ctx.is_main:
+            return None
+        return run_toy_sample(cfg) if job == "sample" else run_toy_eval(cfg, job)
+    finally:
+        shutdown()

@@ -32,8 +32,10 @@ class DataConfig:
         if self.global_batch_size <= 0:
             return self.batch_size
         if self.global_batch_size % world_size:
+            fits = [n for n in range(1, self.global_batch_size + 1) if self.global_batch_size % n == 0]
             raise ConfigError(f"data.global_batch_size={self.global_batch_size} is not a multiple of the world size "
-                              f"{world_size} (nodes x gpus_per_node); change the node count or the global batch")
+                              f"{world_size} (nodes x gpus_per_node); run on one of {fits} GPUs or change the "
+                              f"global batch")
         return self.global_batch_size // world_size
 
     def validate(self, rules: Scope) -> None:

@@ -103,7 +103,8 @@ class SamBackbone(nn.Module):
 def check_mode_invariant(encoder: nn.Module) -> None:
     """Raise unless train() and eval() compute the same thing: no active dropout, no batch statistics."""
     config = getattr(encoder, "config", None)
-    rates = {name: float(getattr(config, name, 0.0) or 0.0) for name in ("dropout", "attention_dropout", "hidden_dropout")}
+    names = ("dropout", "attention_dropout", "hidden_dropout")
+    rates = {name: float(getattr(config, name, 0.0) or 0.0) for name in names}
     rates.update({name: m.p for name, m in encoder.named_modules() if isinstance(m, nn.Dropout)})
     active = {name: p for name, p in rates.items() if p > 0}
     stats = [name for name, m in encoder.named_modules() if isinstance(m, (_BatchNorm, _InstanceNorm))]

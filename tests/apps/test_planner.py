@@ -213,7 +213,8 @@ def test_savers_flops_and_host_memory(cache: str) -> None:
     builds the students lazily (less host memory than the local engine's whole copies)."""
     base = _config("local", cache)
     arch = architecture(base)
-    on = load_config("tiny-sdxl", [f"model.cache_dir={cache}", "model.lora.enabled=false", *SAVERS["all, half the batch on the GAN branch"]])
+    on = load_config("tiny-sdxl", [f"model.cache_dir={cache}", "model.lora.enabled=false",
+                                   *SAVERS["all, half the batch on the GAN branch"]])
     p_off, p_on = plan(base, 1, arch=arch), plan(on, 1, arch=arch)
     act = lambda p: sum(r.activations for r in p.rows)
     assert act(p_on) < act(p_off) / 2

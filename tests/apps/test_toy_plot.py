@@ -7,9 +7,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from flashdmd.apps import evaluate, sample
+from flashdmd.apps import toy_plot
 from flashdmd.config import load_config
 from flashdmd.train.main import main
+from jobs.launcher import entry_for
 
 
 def test_gmm2d_sample_scatter_and_eval_table(tmp_path: Path):
@@ -19,7 +20,8 @@ def test_gmm2d_sample_scatter_and_eval_table(tmp_path: Path):
     main(load_config("gmm2d", overrides), "stage1")
 
     cfg = load_config("gmm2d", overrides)
-    out = sample.run_sample(cfg)
+    assert entry_for("sample", cfg) == entry_for("eval", cfg) == "flashdmd.apps.toy_plot:main"
+    out = toy_plot.main(cfg, "sample")
     assert out == tmp_path / "toy" / "samples" / "step-00000004"
     with Image.open(out / "grid.png") as grid:
         assert grid.size[0] > 2.5 * grid.size[1]  # three panels side by side
@@ -27,7 +29,7 @@ def test_gmm2d_sample_scatter_and_eval_table(tmp_path: Path):
     assert record["family"] == "gmm2d" and record["step"] == 4
     assert 0 < record["metrics"]["eval/sw2"] and record["metrics"]["eval/sw2_floor"] < record["metrics"]["eval/sw2_teacher"]
 
-    result = evaluate.main(load_config("gmm2d", overrides), "eval")
+    result = toy_plot.main(load_config("gmm2d", overrides), "eval")
     assert result.step == 4 and set(result.metrics) >= {"sw2", "modes_covered", "mean_reward"}
     (teacher,) = result.baselines
     assert teacher["nfe"] == 50 and teacher["metrics"]["sw2"] == record["metrics"]["eval/sw2_teacher"]
