@@ -39,7 +39,12 @@ DEFAULT_PREDICTION = "v_prediction"
 
 
 class GMM:
-    """A 2-D Gaussian mixture: ``means`` (M, 2), ``weights`` (M,) summing to 1, isotropic ``std``."""
+    """A 2-D Gaussian mixture: ``means`` (M, 2), ``weights`` (M,) summing to 1, isotropic ``std``.
+
+    From the config: ``means`` lists the modes (then ``num_modes`` must equal their count, not
+    be silently ignored), or ``num_modes`` modes sit on a circle of ``radius``; ``weights`` are
+    relative (they are divided by their sum, so [3, 1] means 75 % / 25 %), non-negative, with a
+    positive sum, one per mode; [] is uniform."""
 
     def __init__(self, means: Tensor, weights: Tensor, std: float) -> None:
         self.means = means.to(torch.float32)
@@ -49,6 +54,9 @@ class GMM:
     @classmethod
     def from_config(cls, g: GMMConfig) -> GMM:
         if g.means:
+            if g.num_modes != len(g.means):
+                raise ValueError(f"model.gmm.num_modes={g.num_modes} but model.gmm.means lists {len(g.means)} modes; "
+                                 f"set model.gmm.num_modes={len(g.means)} (or leave model.gmm.means empty)")
             means = torch.tensor(g.means, dtype=torch.float32)
         else:
             angles = torch.arange(g.num_modes, dtype=torch.float64) * (2 * math.pi / g.num_modes)

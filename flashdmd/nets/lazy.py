@@ -144,8 +144,7 @@ def materialize(net: LazyNet) -> nn.Module:
     keep = {n: t.detach().clone() for n, t in named_tensors(module) if not t.is_meta}
     module.to_empty(device="cpu")
     for name, tensor in named_tensors(module):
-        key = net.weights.key(name)
-        tensor.copy_(keep[name] if name in keep else net.weights.read(key))
+        tensor.copy_(keep[name] if name in keep else _read(net, name, None))
     _SOURCES.pop(module, None)
     return module
 
@@ -179,7 +178,8 @@ def fill_dtensor_shards(module: nn.Module, net: LazyNet) -> None:
 def _read(net: LazyNet, name: str, rows: slice | None) -> Tensor:
     key = net.weights.key(name)
     if key is None:
-        raise KeyError(f"weights folder has no tensor for '{name}'")
+        raise KeyError(f"the weights folder has no tensor for '{name}' (a model.teacher folder of another "
+                       f"architecture?)")
     return net.weights.read(key, rows)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from flashdmd.apps import toy_plot
@@ -13,6 +14,7 @@ from flashdmd.train.main import main
 from jobs.launcher import entry_for
 
 
+@pytest.mark.slow  # a gmm2d run, then its teacher sampled: tens of seconds
 def test_gmm2d_sample_scatter_and_eval_table(tmp_path: Path):
     overrides = [f"run_root={tmp_path}", "name=toy", f"model.cache_dir={tmp_path / 'cache'}",
                  "model.gmm.teacher_steps=300", "data.batch_size=64", "stage1.iterations=4", "checkpoint.every=4",

@@ -178,7 +178,7 @@ def kill_rank(root: Path, cache: Path, phase: str) -> Row:
     valid = latest_valid(cfg.checkpoint_dir)
     partial = [p.name for _, p in step_dirs(cfg.checkpoint_dir) if not (p / "COMPLETE").exists()]
     second = launch(overrides, timeout_s=300)
-    resumed = re.search(r"resuming from \S+ \(step (\d+)\)", second.logs[0])
+    resumed = re.search(r"resuming run \S+ from step (\d+)", second.logs[0])
     meta = handoff(cfg)
     steps = metric_steps(root, meta["mlflow_run_id"], "loss/fake")
     ok = (first.returncodes[1] == -9 and first.returncodes[0] != 0 and second.returncodes == [0, 0]

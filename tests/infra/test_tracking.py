@@ -245,3 +245,17 @@ def test_real_server_outages_at_start_and_mid_run_lose_no_step(tmp_path, monkeyp
         assert sorted(logged_images(client, tracker.run_id, "grid")) == [3]
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_system_metrics_come_from_mlflows_own_monitor(run_root):
+    tracker = open_tracker(make_cfg(run_root, "system"), 0, None, flush_interval_s=0.1, system_metrics_s=0.2)
+    client = MlflowClient(make_cfg(run_root, "system").tracking_uri)
+    # MLflow's monitor samples CPU and memory in the writer process and logs them as system/*
+    while not any(k.startswith("system/") for k in client.get_run(tracker.run_id).data.metrics):
+        assert tracker._proc.poll() is None, "the writer process ended"
+        time.sleep(0.2)
+    tracker.close()
+    keys = set(client.get_run(tracker.run_id).data.metrics)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"

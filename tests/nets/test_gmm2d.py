@@ -23,9 +23,13 @@ def test_gmm_from_config_and_sampler():
     x, labels = gmm.sample(40000, torch.Generator().manual_seed(0))
     assert torch.allclose(torch.bincount(labels).float() / 40000, torch.full((8,), 0.125), atol=0.01)
     assert (x - gmm.means[labels]).std().item() == pytest.approx(0.3, rel=0.02)
-    cfg = load_config("gmm2d", ["model.gmm.means=[[0, 0], [3, 0]]", "model.gmm.weights=[3, 1]", "model.gmm.reward_mode=1"])
+    cfg = load_config("gmm2d", ["model.gmm.means=[[0, 0], [3, 0]]", "model.gmm.num_modes=2", "model.gmm.weights=[3, 1]",
+                                "model.gmm.reward_mode=1"])
     custom = GMM.from_config(cfg.model.gmm)
-    assert custom.weights.tolist() == [0.75, 0.25] and custom.means.tolist() == [[0, 0], [3, 0]]
+    assert custom.weights.tolist() == [0.75, 0.25] and custom.means.tolist() == [[0, 0], [3, 0]]  # relative weights
+    ignored = load_config("gmm2d", ["model.gmm.means=[[0, 0], [3, 0]]", "model.gmm.reward_mode=1"]).model.gmm
+    with pytest.raises(ValueError, match=r"model.gmm.num_modes=8 but model.gmm.means lists 2 modes"):
+        GMM.from_config(ignored)
 
 
 def test_metrics_against_known_values():

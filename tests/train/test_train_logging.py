@@ -60,6 +60,7 @@ def test_window_means_over_the_steps_where_each_metric_occurred():
     assert display_name("loss_gan_g") == "loss/gan_g" and display_name("generator_lr") == "generator_lr"
 
 
+@pytest.mark.slow  # a few gmm2d runs: tens of seconds on 2 loaded cores
 def test_ttur_2_logs_every_loss_of_every_network_at_every_log_step(tmp_path: Path, cache: Path, caplog):
     caplog.set_level(logging.INFO, logger="flashdmd.progress")
     cfg = gmm_cfg(tmp_path, cache, "ttur", "stage1.ttur=2", "tracking.log_every=10", "stage1.iterations=30")
@@ -82,6 +83,7 @@ def test_ttur_2_logs_every_loss_of_every_network_at_every_log_step(tmp_path: Pat
     assert all("loss/dmd" in line and "samples/s" in line and "ETA" in line for line in lines)
 
 
+@pytest.mark.slow  # a few gmm2d runs: tens of seconds on 2 loaded cores
 def test_stage2_logs_rl_and_distillation_losses_at_every_log_step(tmp_path: Path, cache: Path):
     s1 = gmm_cfg(tmp_path, cache, "s1", "stage1.iterations=4", "tracking.log_every=4")
     main(s1, "stage1")
@@ -99,6 +101,7 @@ def test_stage2_logs_rl_and_distillation_losses_at_every_log_step(tmp_path: Path
     assert "s1" in tags["mlflow.note.content"]
 
 
+@pytest.mark.slow  # a few gmm2d runs: tens of seconds on 2 loaded cores
 def test_gmm_quality_is_logged_beside_the_teacher_and_above_the_noise_floor(tmp_path: Path, cache: Path):
     cfg = gmm_cfg(tmp_path, cache, "quality", "stage1.iterations=4", "tracking.sample_every=2", "tracking.log_every=2")
     main(cfg, "stage1")
@@ -111,6 +114,7 @@ def test_gmm_quality_is_logged_beside_the_teacher_and_above_the_noise_floor(tmp_
     assert sum(logged[f"eval/mode_mass/m{k}"][-1].value for k in range(cfg.model.gmm.num_modes)) == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # a few gmm2d runs: tens of seconds on 2 loaded cores
 def test_rerun_with_another_config_is_refused_unless_resume_is_asked(tmp_path: Path, cache: Path, monkeypatch):
     base = ("stage1.iterations=4", "tracking.log_every=2", "checkpoint.every=2")
     main(gmm_cfg(tmp_path, cache, "rerun", *base), "stage1")
@@ -125,3 +129,22 @@ def test_rerun_with_another_config_is_refused_unless_resume_is_asked(tmp_path: P
     assert "fake_lr: 0.002" in (changed.run_dir / "config.yaml").read_text()
     monkeypatch.delenv(RESUME_ENV)
     main(gmm_cfg(tmp_path, cache, "rerun", *base, "stage1.fake_lr=0.002"), "stage1")  # the same as saved: resumes
+
+
+def test_bad_samples_are_counted_and_listed_once_each(tmp_path: Path, monkeypatch):
+    from flashdmd.data.bad_samples import RECORD_ENV, BadSamples, recorded_bad_samples
+
+    listing = tmp_path / "bad_samples.jsonl"
+    monkeypatch.setenv(RECORD_ENV, str(listing))
+    tally = BadSamples(where="rank 0 worker 0")
+    for _ in range(3):  # three epochs over the same broken sample
+        tally.bad("corrupt_image", "k1", "s-000001.tar", "truncated")
+        tally.ok()
+    tally.bad("missing_caption", "k2", "s-000002.tar")
+    assert dict(tally.counts) == {"corrupt_image": 1, "missing_caption": 1}
+    assert tally.seen == 5 and tally.good == 3  # re-reads of a known bad item are not reads of new data
+    other = BadSamples(where="rank 1 worker 0")  # another process that met k1 too
+    other.bad("corrupt_image", "k1", "s-000001.tar", "truncated")
+    assert len(listing.read_text().splitlines()) == 3
+    assert [(i["shard"], i["key"], i["reason"]) for i in recorded_bad_samples(listing)] == [
+        ("s-000001.tar", "k1", "corrupt_image"), ("s-000002.tar", "k2", "missing_caption")]
