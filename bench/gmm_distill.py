@@ -4,16 +4,19 @@ Runs, for a fixed budget and fixed seeds, through the very same stage-1/stage-2 
 image families use (LocalEngine, gmm2d parts, the gmm2d preset):
 
 1. the 50-step teacher sampler (the quality reference) and the undistilled 4-step student;
-2. stage 1 (``STAGE1_RUNS``): Flash-DMD, Flash-DMD without the EMA pull, Flash-DMD without the
-   GAN step, the DMD2 baseline (both losses on every step, no EMA pull, TTUR 5 as in DMD2's
-   recipe) and DMD2 at Flash's TTUR 2; the 4-step student is scored every ``--eval-every``
-   iterations and at the end;
-3. stage 2 from each seed's Flash-DMD result: joint (5 RL : 1 distillation) vs RL only.
+2. stage 1 (``STAGE1_RUNS``): Flash-DMD, without the EMA pull, without the GAN step, with the
+   GAN branch on half / a quarter of the batch, with the rollout-state GAN input; the real DMD2
+   baseline (its classifier on the fake score, both losses on every step, no EMA pull, TTUR 5,
+   softplus losses: DMD2's recipe), DMD2 at Flash's TTUR 2, and the Pixel-GAN DMD2 ablation;
+   the 4-step student is scored every ``--eval-every`` iterations and at the end;
+3. stage 2 from each seed's Flash-DMD result: joint (5 RL : 1 distillation), RL only (RL after
+   distillation with nothing else trained: post-training LPO), and joint RL at every transition
+   instead of the high-noise ones.
+Writes bench/results/gmm_distill.json and .md (the table).
 
 Metrics (flashdmd.eval.gmm): sliced W2 to fresh true samples, modes covered, mean reward and
 the mass at the rewarded mode. "Updates to threshold" counts generator updates until SW2 first
-drops below 2 / 1.75 / 1.5 times the teacher's (same sample count). Writes
-bench/results/gmm_distill.json and prints a table.
+drops below 2 / 1.75 / 1.5 times the teacher's (same sample count).
 Usage: ``python bench/gmm_distill.py [--quick] [--seeds 0 1 2] [key=value overrides]``.
 """
 from __future__ import annotations

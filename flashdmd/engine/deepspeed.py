@@ -51,7 +51,7 @@ from flashdmd.engine.checkpoint_map import tensor_entry, write_map, zero3_entrie
 from flashdmd.engine.checkpoint_reader import CheckpointReader
 from flashdmd.engine.lr import StepSchedule
 from flashdmd.engine.state_io import join_optimizer_state, load_json, save_json, save_tensors, split_optimizer_state
-from flashdmd.nets.lazy import LazyNet, fill_zero3_partitions, reset_missing, source_of
+from flashdmd.nets.lazy import LazyNet, fill_zero3_partitions, remember_memory_tensors, source_of
 
 # DeepSpeed picks its accelerator when imported; say which one instead of letting it probe.
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -130,17 +130,23 @@ class DeepSpeedEngine(Engine):
                 }
         return config
 
-    def _build_partitioned(self, lazy: LazyNet, spec: OptimSpec) -> nn.Module:
+    def _build_partitioned(self, meta: nn.Module, lazy: LazyNet, spec: OptimSpec) -> nn.Module:
         """A meta-built network rebuilt under zero.Init (each module partitioned as it is
-        constructed), then each rank reads its own flat range of every tensor from the files."""
+        constructed), then each rank reads its own flat range of every tensor from the files;
+        the tensors no file holds (LoRA adapters) take rank 0's values from the meta build."""
+        remember_memory_tensors(meta, lazy)
         with deepspeed.zero.Init(config_dict_or_path=self._config(spec),
                                  remote_device="cpu" if self.offload_params else None):
             module = lazy.build()
         missing = fill_zero3_partitions(module, lazy.weights, self.rank)
-        if missing:  # LoRA adapters: PEFT's init on rank 0, then partitioned to every rank
-            with deepspeed.zero.GatheredParameters(missing, modifier_rank=0):
-                if self.rank == 0:
-                    reset_missing(module, lazy.weights)
+        unknown = sorted(set(missing) - set(lazy.memory))
+        if unknown:
+            raise KeyError(f"the weights folder has no tensor for {unknown[:3]}")
+        if missing:
+            with deepspeed.zero.GatheredParameters(list(missing.values()), modifier_rank=0), torch.no_grad():
+                for name, param in missing.items():
+                    param.copy_(lazy.memory[name])
+        lazy.memory = {}
         return module
 
     def setup(self, trainable: dict[str, nn.Module], optim: dict[str, OptimSpec], frozen: dict[str, nn.Module]) -> None:
@@ -150,7 +156,7 @@ class DeepSpeedEngine(Engine):
             spec = optim[name]
             lazy = source_of(module)
             if lazy is not None:
-                module = self._build_partitioned(lazy, spec)
+                module = self._build_partitioned(module, lazy, spec)
             if self.gradient_checkpointing:
                 common.enable_gradient_checkpointing(module)
             params = [p for _, p in common.trainable_parameters(module)]

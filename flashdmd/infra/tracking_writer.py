@@ -148,21 +148,21 @@ class Writer:
 
     def experiment_id(self) -> str:
         name = self.setup["experiment"]
+        kind = self.setup.get("experiment_tags", {})
         found = self.client.get_experiment_by_name(name)
         if found is None:
             try:
-                self.client.create_experiment(name, artifact_location=self.setup["artifact_location"])
+                return self.client.create_experiment(name, artifact_location=self.setup["artifact_location"], tags=kind)
             except Exception:  # created by a concurrent run meanwhile: use that one
-                pass
-            found = self.client.get_experiment_by_name(name)
-            if found is None:
-                raise RuntimeError(f"MLflow experiment {name!r} could not be created")
-        for key, value in self.setup.get("experiment_tags", {}).items():
+                found = self.client.get_experiment_by_name(name)
+                if found is None:
+                    raise
+        for key, value in kind.items():
             if key not in found.tags:  # a user's own choice of view stays
                 self.client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
 
-    def new_run(self, extra_tags: dict[str, str]) -> str:
+    def new_run(self, extra_tags: dict[str, str]) -> tuple[str, str]:
         tags = {**self.setup["tags"], **extra_tags}
         parent = self.setup["parent_run_id"]
         if parent:
@@ -170,10 +170,11 @@ class Writer:
             tags["flashdmd.parent_run_id"] = parent
         run = self.client.create_run(self.experiment_id(), run_name=self.setup["run_name"], tags=tags)
         _batched(self.client, run.info.run_id, self.setup["params"], {})
-        return run.info.run_id
+        return run.info.run_id, run.info.experiment_id
 
-    def start_run(self) -> str:
-        """Create the run, or reopen the one being continued (params are immutable: only new keys)."""
+    def start_run(self) -> tuple[str, str]:
+        """Create the run, or reopen the one being continued (params are immutable: only new keys);
+        returns its id and its experiment's."""
         run_id = self.setup["run_id"]
         if run_id is None:
             return self.new_run({})
@@ -191,7 +192,7 @@ class Writer:
             tags["flashdmd.config_changed_on_resume"] = ",".join(changed)[:8000]
         self.client.update_run(run_id, status="RUNNING")
         _batched(self.client, run_id, {k: v for k, v in params.items() if k not in old}, tags)
-        return run_id
+        return run_id, run.info.experiment_id
 
     def apply(self, op: dict[str, Any]) -> None:
         kind = op["op"]
@@ -215,8 +216,8 @@ class Writer:
         """Send what is pending, in order; on failure keep it, report once, return False."""
         try:
             if self.run_id is None:
-                self.run_id = self.start_run()
-                self.reply({"run_id": self.run_id, "experiment_id": self.client.get_run(self.run_id).info.experiment_id})
+                self.run_id, experiment_id = self.start_run()
+                self.reply({"run_id": self.run_id, "experiment_id": experiment_id})
                 self.start_monitor()
             while self.ops:
                 self.apply(self.ops[0])

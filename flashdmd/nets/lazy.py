@@ -14,8 +14,10 @@ built on the meta device (``meta_module``) and the engine fills it where it live
 - one process (local / DDP): ``materialize`` allocates on the CPU and reads every tensor whole.
 
 All three read the same bytes and cast them the same way, so a sharded load equals a
-single-process load bit for bit. Parameters that no file holds are LoRA adapters (PEFT's own
-initialisation, ``reset_missing``); any other missing tensor is an error naming it.
+single-process load bit for bit. Parameters that no file holds are LoRA adapters: small, they
+get real storage and PEFT's own initialisation at build time (``meta_module``) and rank 0's
+values are copied into every shard (``remember_memory_tensors``); any other missing tensor is an
+error naming it.
 """
 from __future__ import annotations
 
@@ -102,16 +104,6 @@ def _lora_layers(module: nn.Module) -> Iterator[nn.Module]:
     return (m for m in module.modules() if callable(getattr(m, "reset_lora_parameters", None)))
 
 
-def reset_missing(module: nn.Module, weights: SafetensorsWeights) -> None:
-    """Initialise the tensors no file holds: PEFT LoRA adapters (A random, B zero); others are an error."""
-    for layer in _lora_layers(module):
-        for adapter in list(getattr(layer, "lora_A", {})):
-            layer.reset_lora_parameters(adapter, True)
-    missing = [n for n, _ in named_tensors(module) if weights.key(n) is None and ".lora_" not in n]
-    if missing:
-        raise KeyError(f"weights folder lacks {missing[:3]} (and {max(0, len(missing) - 3)} more) of the network")
-
-
 def _materialize_adapters(module: nn.Module) -> None:
     """LoRA adapters are small and not in any file: give them real CPU storage and PEFT's init."""
     for layer in _lora_layers(module):
@@ -151,8 +143,17 @@ def materialize(net: LazyNet) -> nn.Module:
 
 @torch.no_grad()
 def remember_memory_tensors(module: nn.Module, net: LazyNet) -> None:
-    """Before ``to_empty``: CPU copies of the tensors that are real already (LoRA adapters)."""
+    """Before sharding: CPU copies of the tensors that are real already (LoRA adapters), rank 0's
+    on every rank (each rank drew its own; the shards must come from one draw, as DDP does)."""
+    import torch.distributed as dist
+
     net.memory = {n: t.detach().to("cpu", copy=True) for n, t in named_tensors(module) if not t.is_meta}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        for name, tensor in net.memory.items():
+            moved = tensor.to(device)
+            dist.broadcast(moved, src=0)
+            net.memory[name] = moved.cpu()
 
 
 @torch.no_grad()
@@ -184,14 +185,14 @@ def _read(net: LazyNet, name: str, rows: slice | None) -> Tensor:
 
 
 @torch.no_grad()
-def fill_zero3_partitions(module: nn.Module, weights: SafetensorsWeights, rank: int) -> list[nn.Parameter]:
+def fill_zero3_partitions(module: nn.Module, weights: SafetensorsWeights, rank: int) -> dict[str, nn.Parameter]:
     """ZeRO-3: copy this rank's flat range of every file-backed parameter into its partition;
-    returns the parameters no file holds (for ``reset_missing`` under a gather)."""
-    missing = []
+    returns the parameters no file holds, by name (filled from ``LazyNet.memory`` under a gather)."""
+    missing = {}
     for name, param in module.named_parameters():
         key = weights.key(name)
         if key is None:
-            missing.append(param)
+            missing[name] = param
             continue
         part = param.ds_tensor
         size = part.ds_numel
