@@ -11,7 +11,6 @@ between submissions of one run), and the spelling of paths (relative vs absolute
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import yaml
