@@ -32,7 +32,6 @@ a run whose own writer process may be logging at that moment.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -45,10 +44,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from flashdmd.config.cli import config_from_cli
-from flashdmd.config import DEFAULT_PRESET, Config, ConfigError
-from flashdmd.data.prompts import load_prompts
-from flashdmd.infra.distributed import barrier, init_distributed, shutdown
+from flashdmd.apps.cli import app_parser, exit_code, on_ranks, parse_app_args
+from flashdmd.config import Config
+from flashdmd.data.prompts import cycled_prompts
+from flashdmd.infra.distributed import DistContext, barrier
 from flashdmd.eval import build_metrics, results_table
 from flashdmd.eval.table import COLUMN_ORDER
 from flashdmd.apps.sample import Student, StudentSource, TeacherBaseline, default_source, load_student, to_uint8
@@ -87,11 +86,7 @@ class EvalResult:
 
 def prompt_set(cfg: Config) -> list[str]:
     """``eval.num_images`` prompts (0: each prompt once); a shorter list is cycled, each image its own seed."""
-    if not cfg.eval.prompts:
-        raise ConfigError("the eval job needs eval.prompts: a text/JSONL prompt file, e.g. from data_tools/make_prompts.py")
-    prompts = load_prompts(cfg.eval.prompts)
-    n = cfg.eval.num_images or len(prompts)
-    return [prompts[i % len(prompts)] for i in range(n)]
+    return cycled_prompts(cfg.eval.prompts, cfg.eval.num_images, "eval.prompts")
 
 
 def shard(n: int, rank: int, world_size: int) -> list[int]:
@@ -263,27 +258,19 @@ def evaluate_source(cfg: Config, student: Student, rank: int, world_size: int, t
 
 def main(cfg: Config, job: str = "eval") -> EvalResult:
     """Launcher entry (every rank): evaluate ``eval.source`` (or the training run, ``sampling.default_source``)."""
-    ctx = init_distributed(cfg)
-    try:
+    def body(ctx: DistContext) -> EvalResult:
         student = load_student_ranked(cfg, cfg.eval.source or default_source(cfg, job), ctx.rank, ctx.device)
-        result = evaluate_source(cfg, student, ctx.rank, ctx.world_size, teacher=True)
-        barrier()  # rank 0's files and MLflow points exist when any rank returns
-        return result
-    finally:
-        shutdown()
+        return evaluate_source(cfg, student, ctx.rank, ctx.world_size, teacher=True)
+
+    return on_ranks(cfg, body, wait_for_all=True)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flashdmd.apps.evaluate", description="Evaluate a trained student.")
-    parser.add_argument("--config", default=DEFAULT_PRESET, help="the training run's preset name or YAML path")
+    parser = app_parser("evaluate", "Evaluate a trained student.")
     parser.add_argument("--source", default="", help="run dir, final/ folder or checkpoint step dir (eval.source)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    cfg = config_from_cli(args.config, args.overrides, "stage1")
+    args, cfg = parse_app_args(parser, argv)
     cfg.eval.source = args.source or cfg.eval.source
-    result = main(cfg, "eval")
-    print(result.table)
-    return 0
+    return exit_code("eval", lambda: main(cfg, "eval"), lambda result: result.table)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ base_model, tags) and shows how to reproduce flashdmd's image for a seed, with `
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -57,10 +56,10 @@ from typing import Any
 import torch
 import yaml
 
-from flashdmd.config.cli import config_from_cli
-from flashdmd.config import DEFAULT_PRESET, Config, to_dict
+from flashdmd.apps.cli import app_parser, exit_code, on_ranks, parse_app_args
+from flashdmd.config import Config, to_dict
 from flashdmd.diffusion.schedules import Schedule
-from flashdmd.infra.distributed import init_distributed, shutdown
+from flashdmd.infra.distributed import DistContext
 from flashdmd.engine.base import OptimSpec
 from flashdmd.engine.local import LocalEngine
 from flashdmd.engine.diffusers_weights import export_full_weights, find_diffusers_model
@@ -291,38 +290,27 @@ def default_out_dir(cfg: Config, source: str | Path) -> Path:
 def main(cfg: Config, job: str = "export") -> Path | None:
     """Launcher entry: rank 0 exports ``export.source`` (or the training run, ``sampling.default_source``)
     to ``export.out_dir`` (or ``<run>/export/step-N``)."""
-    ctx = init_distributed(cfg)
-    try:
+    def body(ctx: DistContext) -> Path | None:
         if not ctx.is_main:
             return None
         source = cfg.export.source or default_source(cfg, job)
         return export_pipeline(cfg, source, cfg.export.out_dir or default_out_dir(cfg, source))
-    finally:
-        shutdown()
+
+    return on_ranks(cfg, body)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flashdmd.apps.export",
-                                     description="Export a trained student as a diffusers pipeline folder.")
-    parser.add_argument("--config", default=DEFAULT_PRESET, help="the training run's preset name or YAML path")
+    parser = app_parser("export", "Export a trained student as a diffusers pipeline folder.")
     parser.add_argument("--source", default="", help="run dir, final/ folder or checkpoint step dir")
     parser.add_argument("--out", default="", help="output folder (default <run>/export/step-N)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="", help="saved weights' dtype (export.dtype)")
     parser.add_argument("--variant", default="", help="file-name variant, e.g. fp16 (export.variant)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    cfg = config_from_cli(args.config, args.overrides, "stage1")
+    args, cfg = parse_app_args(parser, argv)
     cfg.export.source = args.source or cfg.export.source
     cfg.export.out_dir = args.out or cfg.export.out_dir
     cfg.export.dtype = args.dtype or cfg.export.dtype
     cfg.export.variant = args.variant or cfg.export.variant
-    try:
-        out = main(cfg, "export")
-    except (FileNotFoundError, ValueError) as err:
-        print(f"export error: {err}", file=sys.stderr)
-        return 2
-    print(f"pipeline in {out}")
-    return 0
+    return exit_code("export", lambda: main(cfg, "export"), lambda out: f"pipeline in {out}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ The sample job (``main(cfg, "sample")`` or ``python -m flashdmd.apps.sample``): 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -39,13 +38,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from flashdmd.apps.cli import app_parser, exit_code, on_ranks, parse_app_args
 from flashdmd.train.checkpoint import is_valid, latest_valid
-from flashdmd.config.cli import config_from_cli
-from flashdmd.config import DEFAULT_PRESET, Config, ConfigError
+from flashdmd.config import Config
 from flashdmd.data.prompts import load_prompts
 from flashdmd.diffusion.rollout import predict_x0, randn, timesteps_tensor
 from flashdmd.diffusion.sampler import sample_teacher
-from flashdmd.infra.distributed import init_distributed, shutdown
 from flashdmd.engine.checkpoint_reader import CheckpointReader
 from flashdmd.engine.state_io import load_json
 from flashdmd.nets.parts import Parts
@@ -284,34 +282,21 @@ def run_sample(cfg: Config, device: torch.device | str = "cpu") -> Path:
 
 def main(cfg: Config, job: str = "sample") -> Path | None:
     """Launcher entry: rank 0 samples (a handful of images needs no sharding); returns the folder there."""
-    ctx = init_distributed(cfg)
-    try:
-        return run_sample(cfg, ctx.device) if ctx.is_main else None
-    finally:
-        shutdown()
+    return on_ranks(cfg, lambda ctx: run_sample(cfg, ctx.device) if ctx.is_main else None)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flashdmd.apps.sample", description="Sample images from a trained student.")
-    parser.add_argument("--config", default=DEFAULT_PRESET, help="the training run's preset name or YAML path")
+    parser = app_parser("sample", "Sample images from a trained student.")
     parser.add_argument("--source", default="", help="run dir, final/ folder or checkpoint step dir (sample.source)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; sample.prompts)")
     parser.add_argument("--prompts-file", default="", help="text/JSONL prompt file (sample.prompts_file)")
     parser.add_argument("--out", default="", help="output folder (sample.out_dir)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    cfg = config_from_cli(args.config, args.overrides, "stage1")
+    args, cfg = parse_app_args(parser, argv)
     cfg.sample.source = args.source or cfg.sample.source
     cfg.sample.prompts = args.prompt or cfg.sample.prompts
     cfg.sample.prompts_file = args.prompts_file or cfg.sample.prompts_file
     cfg.sample.out_dir = args.out or cfg.sample.out_dir
-    try:
-        out = main(cfg, "sample")
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"sample error: {err}", file=sys.stderr)
-        return 2
-    print(f"samples in {out}")
-    return 0
+    return exit_code("sample", lambda: main(cfg, "sample"), lambda out: f"samples in {out}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ the teacher's folder is loaded a second time for ``synth.latents`` / ``synth.tex
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -50,11 +49,11 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from tqdm import tqdm
 
-from flashdmd.config import DEFAULT_PRESET, Config, ConfigError, EvalConfig
-from flashdmd.config.cli import config_from_cli
+from flashdmd.config import Config, ConfigError, EvalConfig
+from flashdmd.apps.cli import app_parser, exit_code, on_ranks, parse_app_args
 from flashdmd.data.decode import resize_center_crop
-from flashdmd.data.prompts import load_prompts
-from flashdmd.infra.distributed import barrier, init_distributed, shutdown
+from flashdmd.data.prompts import cycled_prompts
+from flashdmd.infra.distributed import barrier
 from flashdmd.infra.tracking import image_grid
 
 log = logging.getLogger("flashdmd.apps.synth")
@@ -65,11 +64,7 @@ PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
 def prompt_list(cfg: Config) -> list[str]:
     """``synth.num_images`` prompts (0: each prompt once); a shorter list is cycled."""
-    if not cfg.synth.prompts:
-        raise ConfigError("the synth job needs synth.prompts: a text/JSONL prompt file or prompt shards")
-    prompts = load_prompts(cfg.synth.prompts)
-    n = cfg.synth.num_images or len(prompts)
-    return [prompts[i % len(prompts)] for i in range(n)]
+    return cycled_prompts(cfg.synth.prompts, cfg.synth.num_images, "synth.prompts")
 
 
 def out_dir(cfg: Config) -> Path:
@@ -387,23 +382,13 @@ def log_to_mlflow(cfg: Config, result: SynthResult, grid: list[Tensor]) -> str:
 
 def main(cfg: Config, job: str = "synth") -> SynthResult:
     """Launcher entry (every rank)."""
-    ctx = init_distributed(cfg)
-    try:
-        return run_synth(cfg, ctx.rank, ctx.world_size, ctx.device)
-    finally:
-        shutdown()
+    return on_ranks(cfg, lambda ctx: run_synth(cfg, ctx.rank, ctx.world_size, ctx.device))
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m flashdmd.apps.synth", description="Generate a synthetic training set."
-    )
-    parser.add_argument("--config", default=DEFAULT_PRESET, help="preset name or YAML path")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    result = main(config_from_cli(args.config, args.overrides, "synth"), "synth")
-    print(f"{result.kept}/{result.generated} images kept in {result.num_shards} shards under {result.out_dir}")
-    return 0
+    _, cfg = parse_app_args(app_parser("synth", "Generate a synthetic training set."), argv, "synth")
+    return exit_code("synth", lambda: main(cfg, "synth"),
+                     lambda r: f"{r.kept}/{r.generated} images kept in {r.num_shards} shards under {r.out_dir}")
 
 
 if __name__ == "__main__":

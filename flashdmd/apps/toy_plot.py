@@ -30,7 +30,8 @@ import torch  # noqa: E402
 from flashdmd.apps.evaluate import log_to_mlflow, out_dir_for  # noqa: E402
 from flashdmd.apps.sample import default_source, find_student, load_generator_weights, timesteps_of  # noqa: E402
 from flashdmd.config import Config  # noqa: E402
-from flashdmd.infra.distributed import init_distributed, shutdown  # noqa: E402
+from flashdmd.apps.cli import on_ranks  # noqa: E402
+from flashdmd.infra.distributed import DistContext  # noqa: E402
 from flashdmd.nets.registry import build_parts  # noqa: E402
 from flashdmd.train.gmm_quality import TEACHER_STEPS, GMMQuality  # noqa: E402
 
@@ -147,10 +148,9 @@ def main(cfg: Config, job: str) -> Path | ToyEvalResult | None:
     """Launcher entry of the gmm2d sample and eval jobs: rank 0 works (the point sets are small)."""
     if job not in ("sample", "eval"):
         raise ValueError(f"flashdmd.apps.toy_plot runs the sample and eval jobs, not {job!r}")
-    ctx = init_distributed(cfg)
-    try:
+    def body(ctx: DistContext) -> Path | ToyEvalResult | None:
         if not ctx.is_main:
             return None
         return run_toy_sample(cfg) if job == "sample" else run_toy_eval(cfg, job)
-    finally:
-        shutdown()
+
+    return on_ranks(cfg, body)

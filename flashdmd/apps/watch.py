@@ -19,7 +19,6 @@ every rank (the ranks agree with one all-reduce). The watcher stops once the run
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -30,9 +29,9 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 from flashdmd.train.checkpoint import step_dirs
-from flashdmd.config.cli import config_from_cli
-from flashdmd.config import DEFAULT_PRESET, Config
-from flashdmd.infra.distributed import barrier, init_distributed, shutdown
+from flashdmd.apps.cli import app_parser, exit_code, on_ranks, parse_app_args
+from flashdmd.config import Config
+from flashdmd.infra.distributed import DistContext, barrier
 from flashdmd.apps.evaluate import RESULTS_JSON, EvalResult, eval_root, evaluate_source
 from flashdmd.train.handoff import FINAL, META
 from flashdmd.apps.sample import Student, StudentSource, default_source, find_student, new_student
@@ -116,28 +115,19 @@ def watch(cfg: Config, rank: int, world_size: int, device: torch.device, run_dir
 
 def main(cfg: Config, job: str = "watch") -> list[EvalResult]:
     """Launcher entry (every rank): watch ``eval.source`` (a run directory; "" -> ``sampling.default_source``)."""
-    ctx = init_distributed(cfg)
-    try:
+    def body(ctx: DistContext) -> list[EvalResult]:
         run_dir = Path(cfg.eval.source) if cfg.eval.source else default_source(cfg, job, need_student=False)
-        results = watch(cfg, ctx.rank, ctx.world_size, ctx.device, run_dir)
-        barrier()
-        return results
-    finally:
-        shutdown()
+        return watch(cfg, ctx.rank, ctx.world_size, ctx.device, run_dir)
+
+    return on_ranks(cfg, body, wait_for_all=True)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flashdmd.apps.watch",
-                                     description="Evaluate a training run's checkpoints as they appear.")
-    parser.add_argument("--config", default=DEFAULT_PRESET, help="the training run's preset name or YAML path")
+    parser = app_parser("watch", "Evaluate a training run's checkpoints as they appear.")
     parser.add_argument("--run-dir", default="", help="the training run directory (eval.source)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    cfg = config_from_cli(args.config, args.overrides, "stage1")
+    args, cfg = parse_app_args(parser, argv)
     cfg.eval.source = args.run_dir or cfg.eval.source
-    results = main(cfg, "watch")
-    print(f"evaluated steps {[r.step for r in results]}")
-    return 0
+    return exit_code("watch", lambda: main(cfg, "watch"), lambda results: f"evaluated steps {[r.step for r in results]}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from flashdmd.config import Config
+from flashdmd.config import Config, ConfigError
 from flashdmd.data.bad_samples import BadSamples, DataError
 from flashdmd.data.format import caption_of
 from flashdmd.data.position import DataPosition
@@ -39,6 +39,16 @@ def _prompt_of_json_line(line: str, where: str) -> str:
             if isinstance(item.get(name), str):
                 return item[name]
     raise DataError(f"{where}: expected a string or an object with a 'prompt' or 'caption' field, got {line[:80]!r}")
+
+
+def cycled_prompts(path: str, count: int, key: str) -> list[str]:
+    """``count`` prompts of ``path`` (0: each prompt once), a shorter list cycled; ``key`` names the
+    config key that sets ``path`` in the error when it is empty."""
+    if not path:
+        raise ConfigError(f"{key} is empty: give a text/JSONL prompt file (e.g. from data_tools/make_prompts.py) "
+                        "or prompt shards")
+    prompts = load_prompts(path)
+    return [prompts[i % len(prompts)] for i in range(count or len(prompts))]
 
 
 def load_prompts(path: str) -> list[str]:

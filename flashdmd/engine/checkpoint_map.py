@@ -78,7 +78,6 @@ def zero3_entries(module: nn.Module, sub_groups: list[list[nn.Parameter]]) -> di
         offset = 0
         for p in params:
             part = int(p.partition_numel())
-            numel = int(p.ds_numel)
             shape = [int(s) for s in p.ds_shape]
             entries[names[id(p)]] = {"shape": shape, "dtype": "float32", "group": g, "offset": offset, "partition": part}
             offset += part

@@ -1,7 +1,6 @@
 """The tiny families on a CUDA device under bf16 autocast (skipped without CUDA)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
