@@ -17,30 +17,14 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from flashdmd.engine.common import finite_everywhere
-
-if TYPE_CHECKING:
-    from flashdmd.engine.lr import StepSchedule
-
-
-@dataclass
-class OptimSpec:
-    """AdamW with warm-up and a schedule, per trainable network (spec 1.6 [INF]: DMD2's optimiser)."""
-
-    lr: float
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    schedule: str = "constant"  # constant | cosine | linear
-    total_steps: int = 1
-    grad_clip: float = 10.0
+from flashdmd.engine.lr import OptimSpec, StepSchedule
 
 
 class Engine(ABC):

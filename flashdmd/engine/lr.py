@@ -8,11 +8,23 @@ Its state is one integer, saved as JSON with the checkpoint.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
-from flashdmd.engine.base import OptimSpec
-
 SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclass
+class OptimSpec:
+    """AdamW with warm-up and a schedule, per trainable network (spec 1.6 [INF]: DMD2's optimiser)."""
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine | linear
+    total_steps: int = 1
+    grad_clip: float = 10.0
 
 
 def lr_at(spec: OptimSpec, step: int) -> float:

@@ -79,6 +79,7 @@ def mlflow_points(cfg: Config, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
+@pytest.mark.slow  # about 35 CPU-seconds: a generation pass and a second computation
 def test_eval_job_matches_a_direct_computation_and_logs_to_mlflow(eval_cfg, tmp_path):
     cfg = copy.deepcopy(eval_cfg)
     cfg.eval.out_dir = str(tmp_path / "one")

@@ -162,6 +162,7 @@ def test_sharding_offload_and_fit_verdict(cache: str) -> None:
     assert not tight.fits and tight.suggestion
 
 
+@pytest.mark.slow  # about 25 CPU-seconds: every real family on the meta device
 def test_cli_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
     from flashdmd.apps.plan import cli
 

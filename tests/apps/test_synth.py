@@ -149,6 +149,7 @@ def test_two_ranks_write_what_one_writes_and_stage1_trains_on_it(world):
     assert (cfg.run_dir / "final").is_dir()
 
 
+@pytest.mark.slow  # about 35 CPU-seconds: a killed run and its resume
 def test_a_run_killed_mid_shard_resumes_without_duplicates(world):
     root, reference = world
     command = [sys.executable, "-m", "flashdmd.apps.synth", "--config", "tiny-sd3", *overrides(root, "killed")]
