@@ -77,6 +77,16 @@ upgrade=()
 [ "$mode" = latest ] && upgrade=(--upgrade --upgrade-strategy eager)
 "$PYTHON" -m pip install "${upgrade[@]}" -c "$constraints" -e ".[test,lora]"
 
+# Inception FID's reference implementation: torch-fidelity declares torchvision, which has no build
+# for the CPU torch wheel (pip would swap torch for a CUDA build), and never imports it for FID.
+if "$PYTHON" -c 'import torchvision' 2>/dev/null; then
+  step "installing torch-fidelity (Inception FID) with its dependencies"
+  "$PYTHON" -m pip install -c "$constraints" "torch-fidelity==0.4.0"
+else
+  step "installing torch-fidelity (Inception FID) without torchvision, which this torch has no build of"
+  "$PYTHON" -m pip install --no-deps "torch-fidelity==0.4.0"
+fi
+
 step "comparing the installed versions with $LOCK"
 if "$PYTHON" scripts/lock_versions.py --check; then
   step "installed versions match the lock"

@@ -37,11 +37,6 @@ class LoraConfig:
     target_modules: list[str] = setting(LORA_TARGETS, min_len=1, item=Bound(min_len=1, max_len=200),
                                         why="LoRA needs at least one layer name to adapt")
 
-    def validate(self, rules: Scope) -> None:
-        changed = self != LoraConfig(enabled=self.enabled)
-        rules.check(self.enabled or not changed, "enabled",
-                    "must be true for model.lora.rank, alpha and target_modules to apply", "set model.lora.enabled=true")
-
 
 @dataclass
 class GMMConfig:

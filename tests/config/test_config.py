@@ -136,7 +136,6 @@ RULE_CASES = [
     ("gmm2d", ["model.teacher=/x"], "model.teacher is not read by model.family=gmm2d"),
     ("tiny-sdxl", ["model.gmm.std=1.0"], "model.gmm is only read by model.family=gmm2d"),
     ("gmm2d", ["model.lora.enabled=true"], "needs an image family"),
-    ("tiny-sdxl", ["model.lora.rank=8"], "model.lora.enabled must be true for model.lora.rank"),
     ("gmm2d", ["model.gmm.weights=[1.0,2.0]"], "one entry per mode"),
     ("gmm2d", ["model.gmm.num_modes=2", "model.gmm.weights=[0,0]"], "positive sum"),
     ("gmm2d", ["model.gmm.means=[[1,2,3]]"], "2-D points"),

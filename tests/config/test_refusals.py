@@ -88,7 +88,6 @@ def test_metric_names_are_a_closed_set_matching_the_registry():
     (["launch.executor=local", "launch.nodes=4"], "launch.nodes > 1 needs launch.executor=slurm"),
     (["launch.executor=local", "launch.qos=high"], "launch.qos is only read by launch.executor=slurm"),
     (["model.use_t5=true"], "model.use_t5 applies to SD3 only"),
-    (["model.lora.rank=8"], "model.lora.enabled must be true"),
     (["data.latent_shape=[4,8,8]"], "set data.latent_shards=true"),
     (["health.monitors=false", "health.latent_drift_max=2"], "health.latent_drift_max is only read with health.monitors=true"),
     (["eval.weights.fid=/w"], "eval.weights.fid is only read when eval.metrics lists that metric"),

@@ -207,7 +207,7 @@ def nonfinite_skip(root: Path, cache: Path, spec: str, label: str) -> Row:
     from flashdmd.train.main import main
 
     started = time.perf_counter()
-    cfg = gmm_cfg(root, cache, f"skip-{label}")
+    cfg = gmm_cfg(root, cache, "skip-" + label.replace(" ", "-"))
     with faults_env(spec):
         main(cfg, "stage1")
     meta = handoff(cfg)

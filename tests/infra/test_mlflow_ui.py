@@ -51,7 +51,14 @@ def test_run_page_shows_the_loss_charts_and_the_sample_image(tmp_path: Path):
         assert run.info.status == "FINISHED"
 
         metrics_tab = page.replace(f"/runs/{tracker.run_id}?", f"/runs/{tracker.run_id}/model-metrics?")
-        dom = chromium(metrics_tab, "--dump-dom")
+        wanted = [f"ui ({key})" for key in ("loss/dmd", "loss/fake")]  # the charts' legends: run name (metric)
+        # The charts' data arrive over real sockets while Chromium's virtual time runs on; on a loaded
+        # machine one render can end before them, so the page is read again (at most 5 times) until
+        # the charts are in it.
+        for _ in range(5):
+            dom = chromium(metrics_tab, "--dump-dom")
+            if all(w in dom for w in wanted):
+                break
         assert ">Model training<" in dom  # the training view, not GenAI's traces
         for key in ("loss/dmd", "loss/fake"):
             assert f"ui ({key})" in dom, key  # the chart's legend: run name (metric)
