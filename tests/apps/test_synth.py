@@ -155,10 +155,8 @@ def test_a_run_killed_mid_shard_resumes_without_duplicates(world):
     command = [sys.executable, "-m", "flashdmd.apps.synth", "--config", "tiny-sd3", *overrides(root, "killed")]
     shards = root / "killed" / "shards"
     proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
     partial = shards / ".synth-000001.tar.partial"
-    while not (partial.is_file() and partial.stat().st_size > 0) and proc.poll() is None:
-        assert time.monotonic() < deadline, "the run never started its second shard"
+    while not (partial.is_file() and partial.stat().st_size > 0) and proc.poll() is None:  # ends with the run
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
