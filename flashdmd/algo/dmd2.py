@@ -39,7 +39,8 @@ class Dmd2Classifier:
             raise ValueError(f"stage1.mode=dmd2 needs real latents, but family {parts.family!r} has no image "
                              f"encoder (Parts.encode_images); use stage1.mode=dmd2_pixelgan")
         self.cfg, self.parts, self.engine = cfg, parts, engine
-        self.tap = BottleneckTap(parts.fake_score)  # on the raw module: fires under any engine wrapper
+        # on the module the engine runs (a sharded engine may have rebuilt a meta-built fake score)
+        self.tap = BottleneckTap(engine.raw("fake_score"))
 
     def logits(self, x0: Tensor, cond: Conditioning, gen: torch.Generator) -> Tensor:
         """D(x0): the head on the fake score's bottleneck at a diffusion-GAN noise level."""

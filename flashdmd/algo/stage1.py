@@ -17,6 +17,12 @@ Per iteration, in this order (spec 1.10):
 The GAN branch runs on the first ``stage1.gan_batch_fraction`` of the batch (at least one
 sample), the discriminator on the same share of the real pixels.
 
+Uneven global batches (spec 1.9: ``data.global_batch_size`` not divisible by the world size):
+every loss is a per-sample mean on its rank, and the engines average gradients over ranks, so
+each is scaled by (local count x W / global count) (flashdmd/algo/shares.py): the averaged
+gradient is then the mean over the whole global batch. The GAN-branch terms count the GAN
+subsets of every rank. Logged losses stay the rank's plain means.
+
 DMD2 baseline (``mode=dmd2``, spec 4): one step tau_k drawn from all student steps, both losses
 on the same x0_k, TTUR as configured, and DMD2's own GAN: a classifier head on the fake score's
 bottleneck features trained with the fake score (flashdmd/algo/dmd2.py); the discriminator turn
@@ -37,6 +43,7 @@ from torch import Tensor
 from flashdmd.algo.batch import Batch
 from flashdmd.algo.dmd2 import Dmd2Classifier
 from flashdmd.algo.rng import control_rng, noise_generator
+from flashdmd.algo.shares import mean_weight
 from flashdmd.algo.split import split_steps
 from flashdmd.config import Stage1Config
 from flashdmd.diffusion.rollout import backward_simulate, continue_from, predict_x0, randn, renoise
@@ -53,6 +60,15 @@ class Plan:
 
     dm_index: int  # student step index whose output gets the DM loss
     gan_index: int | None  # student step index of the GAN branch (None: no GAN step, or dmd2 mode)
+
+
+@dataclass
+class Weights:
+    """Factors on this rank's per-sample-mean losses that make the ranks' averaged gradient the
+    mean over the global batch (spec 1.9); 1.0 on an even split."""
+
+    batch: float = 1.0  # losses over all of the rank's samples: DMD, fake score, DMD2's classifier
+    gan: float = 1.0  # losses over the GAN branch's samples: Pixel-GAN generator and discriminator
 
 
 @dataclass
@@ -86,22 +102,39 @@ class Stage1:
     def iteration(self, step: int, batch: Batch, update_generator: bool) -> dict[str, float]:
         """Generator turn (with or without an update), then the fake-score and discriminator turns."""
         plan = self.plan(step)
+        weights = self.loss_weights(batch)
         gen = noise_generator(self.seed, step, self.engine.rank, self.engine.device, "stage1")
         metrics: dict[str, Tensor] = {}
         floats: dict[str, float] = {}
         if update_generator:
             with self.engine.frozen(*self.critics):
-                samples, loss_g = self._generator_losses(plan, batch, gen, metrics)
+                samples, loss_g = self._generator_losses(plan, batch, gen, metrics, weights)
                 self.engine.backward("generator", loss_g)
             floats.update(prefixed("generator", self.engine.step("generator")))
             self.pull_fake_score()
         else:
             with torch.no_grad():
                 samples = self._generator_samples(plan, batch, gen)
-        floats.update(self._fake_score_turn(samples.x0_dm, batch, gen, metrics))
+        floats.update(self._fake_score_turn(samples.x0_dm, batch, gen, metrics, weights))
         if samples.fake_images is not None:
-            floats.update(prefixed("discriminator", self._discriminator_turn(samples.fake_images, batch, metrics)))
+            floats.update(prefixed("discriminator",
+                                   self._discriminator_turn(samples.fake_images, batch, metrics, weights)))
         return {**dict(zip(metrics, torch.stack([v.detach().float() for v in metrics.values()]).tolist())), **floats}
+
+    def gan_count(self, n: int) -> int:
+        """How many of a rank's ``n`` samples the Pixel-GAN terms see (dmd2_pixelgan: all of them)."""
+        return gan_share(self.cfg.gan_batch_fraction, n) if self.cfg.mode == "flash" else n
+
+    def loss_weights(self, batch: Batch) -> Weights:
+        """This rank's loss factors from every rank's batch share (spec 1.9, flashdmd/algo/shares.py)."""
+        if not batch.shares:
+            return Weights()
+        rank = self.engine.rank
+        if (len(batch.shares) != self.engine.world_size or batch.shares[rank] != batch.size
+                or len(batch.real) != batch.size):
+            raise ValueError(f"batch shares {list(batch.shares)} do not describe rank {rank} of "
+                             f"{self.engine.world_size} with {batch.size} prompts and {len(batch.real)} real images")
+        return Weights(mean_weight(batch.shares, rank), mean_weight([self.gan_count(n) for n in batch.shares], rank))
 
     def pull_fake_score(self) -> None:
         """psi <- lam psi + (1 - lam) theta (Eq. 11, spec 1.7) after each generator update, with
@@ -144,15 +177,16 @@ class Stage1:
         x0_gan = self._gan_output(plan, x0_dm, batch, gen)
         return Samples(x0_dm.detach(), self.engine["decoder"](x0_gan).detach())
 
-    def _generator_losses(self, plan: Plan, batch: Batch, gen: torch.Generator,
-                          metrics: dict[str, Tensor]) -> tuple[Samples, Tensor]:
-        """L_G = dm_weight L_DMD + gan_weight L_AdvGen (Algorithm 1 line 16)."""
+    def _generator_losses(self, plan: Plan, batch: Batch, gen: torch.Generator, metrics: dict[str, Tensor],
+                          weights: Weights) -> tuple[Samples, Tensor]:
+        """L_G = dm_weight L_DMD + gan_weight L_AdvGen (Algorithm 1 line 16), each term weighted
+        for the global batch (spec 1.9)."""
         x0_dm = self._dm_output(plan, batch, gen)
         metrics["loss_dmd"] = loss_dmd = self._dmd_loss(x0_dm, batch, gen)
-        loss = self.cfg.dm_weight * loss_dmd
+        loss = self.cfg.dm_weight * weights.batch * loss_dmd
         if self.classifier is not None:
             metrics["loss_gan_g"] = loss_adv = self.classifier.generator_loss(x0_dm, batch, gen)
-            return Samples(x0_dm.detach(), None), loss + self.cfg.gan_weight * loss_adv
+            return Samples(x0_dm.detach(), None), loss + self.cfg.gan_weight * weights.batch * loss_adv
         if self.cfg.mode == "dmd2_pixelgan":
             x0_gan = x0_dm  # the baseline: both losses on the same output
         elif plan.gan_index is not None:
@@ -161,7 +195,7 @@ class Stage1:
             return Samples(x0_dm.detach(), None), loss
         images = self.engine["decoder"](x0_gan)
         metrics["loss_gan_g"] = loss_adv = g_loss(self.cfg.gan_loss, self.engine["discriminator"](images))
-        return Samples(x0_dm.detach(), images.detach()), loss + self.cfg.gan_weight * loss_adv
+        return Samples(x0_dm.detach(), images.detach()), loss + self.cfg.gan_weight * weights.gan * loss_adv
 
     def _dmd_loss(self, x0: Tensor, batch: Batch, gen: torch.Generator) -> Tensor:
         """Spec 1.5: re-noise at t ~ U[min, max] of T, real score with CFG, fake score without."""
@@ -178,8 +212,8 @@ class Stage1:
         return dmd_loss(x0, x0_real, x0_fake)
 
     # -- critics ------------------------------------------------------------------------------
-    def _fake_score_turn(self, x0: Tensor, batch: Batch, gen: torch.Generator,
-                         metrics: dict[str, Tensor]) -> dict[str, float]:
+    def _fake_score_turn(self, x0: Tensor, batch: Batch, gen: torch.Generator, metrics: dict[str, Tensor],
+                         weights: Weights) -> dict[str, float]:
         """Spec 1.6: plain denoising loss in the native parameterisation, t ~ U[0, T), no CFG."""
         sch = self.schedule
         t = sch.sample_t(batch.size, 0.0, 1.0, gen, device=x0.device)
@@ -187,22 +221,25 @@ class Stage1:
         pred = self.engine["fake_score"](sch.add_noise(x0, noise, t), t, batch.cond)
         metrics["loss_fake"] = loss = denoising_loss(pred, sch.target(x0, noise, t))
         if self.classifier is None:
-            self.engine.backward("fake_score", loss)
+            self.engine.backward("fake_score", weights.batch * loss)
             return prefixed("fake_score", self.engine.step("fake_score"))
-        # DMD2: the classifier loss trains the fake score and the head in one backward (spec 4.2)
+        # DMD2: the classifier loss trains the fake score and the head in one backward (spec 4.2);
+        # its real and fake terms are means over all of the rank's samples, as the denoising loss
         loss = loss + self.cfg.fake_cls_weight * self.classifier.critic_loss(x0, batch, gen, metrics)
-        self.engine.backward("fake_score", loss)
+        self.engine.backward("fake_score", weights.batch * loss)
         return {**prefixed("fake_score", self.engine.step("fake_score")),
                 **prefixed("discriminator", self.engine.step("discriminator"))}
 
-    def _discriminator_turn(self, fake_images: Tensor, batch: Batch, metrics: dict[str, Tensor]) -> dict[str, float]:
-        """Spec 1.8: L_D on real pixels vs decoded generator outputs (heads only are trainable)."""
+    def _discriminator_turn(self, fake_images: Tensor, batch: Batch, metrics: dict[str, Tensor],
+                            weights: Weights) -> dict[str, float]:
+        """Spec 1.8: L_D on real pixels vs decoded generator outputs (heads only are trainable);
+        both terms count the GAN subset, so one weight covers them (spec 1.9)."""
         D = self.engine["discriminator"]
         real = batch.real[:gan_share(len(fake_images) / batch.size, len(batch.real))]  # the fakes' share
         real_logits, fake_logits = D(real), D(fake_images)
         metrics["loss_d"] = loss = d_loss(self.cfg.gan_loss, real_logits, fake_logits)
         metrics["d_real"], metrics["d_fake"] = real_logits.mean(), fake_logits.mean()
-        self.engine.backward("discriminator", loss)
+        self.engine.backward("discriminator", weights.gan * loss)
         return self.engine.step("discriminator")
 
 

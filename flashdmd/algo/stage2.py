@@ -22,6 +22,8 @@ gradients over ranks), so a rank with few pairs weighs each of them as much as a
 When no rank kept a pair, nothing is back-propagated and the generator's optimizer does not step:
 AdamW's momentum and weight decay would move the generator without any signal, and the update
 would be counted. The iteration reports ``rl_no_pairs = 1`` instead of ``generator_lr``.
+The logged ``rl_kept``, ``rl_reward`` and ``rl_reward_gap`` are global as well: means over every
+rank's pairs and candidates, weighted by each rank's count, from the same one all-reduce.
 
 The frozen network ``"reference"`` must be registered in the engine by the caller
 (``reference_copy``): the generator's weights at the start of stage 2 (the stage-1 result),
@@ -105,18 +107,23 @@ class Stage2:
     # -- RL ---------------------------------------------------------------------------------------
     def rl_update(self, step: int, batch: Batch) -> dict[str, float]:
         n = self.s2.rl_batch_size or batch.size
-        if n > batch.size:
-            raise ValueError(f"stage2.rl_batch_size={n} exceeds the batch of {batch.size} prompts per rank")
+        smallest = min(batch.shares or (batch.size,))  # every rank refuses alike on an uneven split (spec 1.9)
+        if self.s2.rl_batch_size > smallest:
+            raise ValueError(f"stage2.rl_batch_size={n} exceeds the batch of {smallest} prompts on the smallest rank")
         cond = take_cond(batch.cond, slice(0, n))
         gen = noise_generator(self.seed, step, self.engine.rank, self.engine.device, "stage2")
         rollout = self.sample_pairs(n, cond, gen)
-        local_kept = torch.stack([tr.keep.sum() for tr in rollout.transitions]).sum().float()
-        world = self.engine.world_size
-        global_kept = self.engine.all_reduce_mean(local_kept) * world
-        scores = rollout.scores
-        stats = {"rl_kept": float(global_kept) / (world * n * len(rollout.transitions)),
-                 "rl_reward": float(scores.mean()), "rl_reward_gap": float(scores.amax(1).sub(scores.amin(1)).mean())}
-        if float(global_kept) == 0.0:  # the same decision on every rank: no backward, no step
+        world, scores = self.engine.world_size, rollout.scores
+        # one all-reduce of sums and counts: the kept count decides the update on every rank, and the
+        # logged rates and rewards are means over every rank's pairs and candidates, weighted by
+        # how many each rank holds (an uneven split of the global batch, spec 1.9), not per rank
+        local = torch.stack([torch.stack([tr.keep.sum() for tr in rollout.transitions]).sum().float(),
+                             scores.sum(), scores.amax(1).sub(scores.amin(1)).sum(),
+                             scores.new_tensor(float(scores.numel())), scores.new_tensor(float(scores.shape[0]))])
+        kept, reward_sum, gap_sum, candidates, pairs = (self.engine.all_reduce_mean(local) * world).tolist()
+        global_kept, candidates, pairs = round(kept), round(candidates), round(pairs)  # counts: mean * W is inexact
+        stats = {"rl_kept": global_kept / pairs, "rl_reward": reward_sum / candidates, "rl_reward_gap": gap_sum / pairs}
+        if global_kept == 0:  # the same decision on every rank: no backward, no step
             return {"loss_rl": 0.0, "rl_no_pairs": 1.0, **stats}
         G = self.engine["generator"]
         losses = []

@@ -19,6 +19,11 @@ the paper's tables: method, NFE, one column per metric) to ``<eval.out_dir>/step
 ``<run>/eval/step-<N>``), ``table.md`` next to those folders (one row per evaluated step), and logs
 ``eval/<metric>`` at the training step and both tables as artifacts to MLflow.
 
+Raw and EMA weights (spec 6 #20 [INF]: report both): the generator's EMA is evaluated when the
+source has one (``--weights ema|raw``, flashdmd.apps.sample.choose_weights); its results go to
+``step-<N>-ema`` and ``eval_ema/<metric>``, the row reads "EMA", and the MLflow param
+``weights.<prefix>`` names the network each prefix was measured on.
+
 With ``eval.teacher_steps > 0`` the eval job adds the teacher's reference row (the paper's "SDXL
 (teacher)" row: the multi-step DDIM/Euler sampler with CFG ``eval.teacher_guidance``; NFE = steps,
 x 2 with CFG) on the same prompts and seeds, logged as ``eval_teacher/<metric>``; the watcher
@@ -50,7 +55,8 @@ from flashdmd.data.prompts import cycled_prompts
 from flashdmd.infra.distributed import DistContext, barrier
 from flashdmd.eval import build_metrics, results_table
 from flashdmd.eval.table import COLUMN_ORDER
-from flashdmd.apps.sample import Student, StudentSource, TeacherBaseline, default_source, load_student, to_uint8
+from flashdmd.apps.sample import (EMA_NETWORK, Student, StudentSource, TeacherBaseline, add_weights_flag,
+                                  default_source, load_student, to_uint8)
 from flashdmd.infra.tracking_writer import PARENT_TAG
 
 log = logging.getLogger("flashdmd.apps.evaluate")
@@ -95,7 +101,17 @@ def shard(n: int, rank: int, world_size: int) -> list[int]:
 
 
 def method_name(cfg: Config, student: Student) -> str:
-    return cfg.eval.method or f"Flash-DMD {student.family} (step {student.source.step})"
+    ema = ", EMA" if student.source.weights == "ema" else ""
+    return cfg.eval.method or f"Flash-DMD {student.family} (step {student.source.step}{ema})"
+
+
+def metric_prefix(source: StudentSource) -> str:
+    """``eval`` for raw weights, ``eval_ema`` for the generator EMA: both curves in one MLflow run."""
+    return "eval_ema" if source.weights == "ema" else "eval"
+
+
+def step_folder(step: int, weights: str) -> str:
+    return f"step-{step:08d}" + ("-ema" if weights == "ema" else "")
 
 
 def metric_columns(cfg: Config) -> list[str]:
@@ -164,7 +180,7 @@ def eval_root(cfg: Config, run_dir: Path) -> Path:
 
 
 def out_dir_for(cfg: Config, source: StudentSource) -> Path:
-    return eval_root(cfg, source.run_dir) / f"step-{source.step:08d}"
+    return eval_root(cfg, source.run_dir) / step_folder(source.step, source.weights)
 
 
 def tagged_run_id(cfg: Config, tag: str, key: str, stage: str, tags: dict[str, str] | None = None) -> str:
@@ -200,16 +216,18 @@ def log_to_mlflow(cfg: Config, source: StudentSource, result: EvalResult, table_
     """``eval/<metric>`` (and ``eval_teacher/<metric>``) at the training step, this step's table and the
     run's table over all steps as artifacts; returns the MLflow run id."""
     import mlflow
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, Param
 
     run_id = eval_run_id(cfg, source)
     client = mlflow.MlflowClient(cfg.tracking_uri)
     now = int(time.time() * 1000)
-    points = [Metric(f"eval/{name}", value, now, result.step) for name, value in result.metrics.items()]
+    prefix = metric_prefix(source)
+    points = [Metric(f"{prefix}/{name}", value, now, result.step) for name, value in result.metrics.items()]
     for row in result.baselines:
         points += [Metric(f"eval_teacher/{name}", value, now, result.step) for name, value in row["metrics"].items()]
-    client.log_batch(run_id, metrics=points)
-    client.log_artifact(run_id, str(table_path), artifact_path=f"step-{result.step:08d}")
+    network = EMA_NETWORK if source.weights == "ema" else "generator"
+    client.log_batch(run_id, metrics=points, params=[Param(f"weights.{prefix}", network)])
+    client.log_artifact(run_id, str(table_path), artifact_path=step_folder(result.step, source.weights))
     client.log_artifact(run_id, str(run_table_path))
     return run_id
 
@@ -229,7 +247,7 @@ def write_results(cfg: Config, source: StudentSource, result: EvalResult) -> Pat
     out = out_dir_for(cfg, source)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(result.table)
-    data = result.to_json() | {"source": str(source.folder)}
+    data = result.to_json() | {"source": str(source.folder), "weights": source.weights}
     (out / RESULTS_JSON).write_text(json.dumps(data, indent=1))
     (out.parent / "table.md").write_text(run_table(out.parent))
     data["mlflow_run_id"] = log_to_mlflow(cfg, source, result, out / "results.md", out.parent / "table.md")
@@ -237,11 +255,11 @@ def write_results(cfg: Config, source: StudentSource, result: EvalResult) -> Pat
     return out
 
 
-def load_student_ranked(cfg: Config, source: str | Path, rank: int, device: torch.device) -> Student:
+def load_student_ranked(cfg: Config, source: str | Path, rank: int, device: torch.device, weights: str = "") -> Student:
     """Rank 0 first: a tiny preset's cache is built once, then read by the others."""
-    student = load_student(cfg, source, device) if rank == 0 else None
+    student = load_student(cfg, source, device, weights) if rank == 0 else None
     barrier()
-    return student if student is not None else load_student(cfg, source, device)
+    return student if student is not None else load_student(cfg, source, device, weights)
 
 
 def evaluate_source(cfg: Config, student: Student, rank: int, world_size: int, teacher: bool = False) -> EvalResult:
@@ -256,10 +274,10 @@ def evaluate_source(cfg: Config, student: Student, rank: int, world_size: int, t
     return result
 
 
-def main(cfg: Config, job: str = "eval") -> EvalResult:
+def main(cfg: Config, job: str = "eval", weights: str = "") -> EvalResult:
     """Launcher entry (every rank): evaluate ``eval.source`` (or the training run, ``sampling.default_source``)."""
     def body(ctx: DistContext) -> EvalResult:
-        student = load_student_ranked(cfg, cfg.eval.source or default_source(cfg, job), ctx.rank, ctx.device)
+        student = load_student_ranked(cfg, cfg.eval.source or default_source(cfg, job), ctx.rank, ctx.device, weights)
         return evaluate_source(cfg, student, ctx.rank, ctx.world_size, teacher=True)
 
     return on_ranks(cfg, body, wait_for_all=True)
@@ -268,9 +286,10 @@ def main(cfg: Config, job: str = "eval") -> EvalResult:
 def cli(argv: list[str] | None = None) -> int:
     parser = app_parser("evaluate", "Evaluate a trained student.")
     parser.add_argument("--source", default="", help="run dir, final/ folder or checkpoint step dir (eval.source)")
+    add_weights_flag(parser)
     args, cfg = parse_app_args(parser, argv)
     cfg.eval.source = args.source or cfg.eval.source
-    return exit_code("eval", lambda: main(cfg, "eval"), lambda result: result.table)
+    return exit_code("eval", lambda: main(cfg, "eval", args.weights), lambda result: result.table)
 
 
 if __name__ == "__main__":

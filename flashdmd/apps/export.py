@@ -33,7 +33,9 @@ StableDiffusion3Pipeline will not load without a ``text_encoder_3``, so the expo
 one-layer T5 whose output is exactly zero (``null_t5``). Tiny SD3 presets encode that slot as 8
 tokens, so their pipeline must be called with ``max_sequence_length=8`` (real SD3: the pipeline's
 default 256); both are written into the card. Weights come from a run's hand-over or a step directory of any
-engine (``flashdmd.apps.sample.find_student``, read by ``flashdmd.engine.checkpoint_reader``).
+engine (``flashdmd.apps.sample.find_student``, read by ``flashdmd.engine.checkpoint_reader``): the
+generator's EMA when the source has one, else its raw weights (``--weights ema|raw``, spec 6 #20),
+said in the card and ``flashdmd_export.json``; an EMA export defaults to ``<run>/export/step-N-ema``.
 
 Options (``export.*``): ``dtype`` casts every network of the pipeline (fp16/bf16 halve the folder;
 the distilled weights are fp32 masters otherwise), ``variant`` names the files the way
@@ -64,13 +66,16 @@ from flashdmd.engine.base import OptimSpec
 from flashdmd.engine.local import LocalEngine
 from flashdmd.engine.diffusers_weights import export_full_weights, find_diffusers_model
 from flashdmd.engine.state_io import umask_modes
-from flashdmd.apps.sample import Student, default_source, find_student, load_student
+from flashdmd.apps.sample import Student, add_weights_flag, default_source, find_student, load_student
 
 log = logging.getLogger("flashdmd.apps.export")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TIMESTEP_SCALING = 1e7  # LCM c_skip = 0.25 / ((t * scaling)^2 + 0.25) < 1e-14 for t >= 1: x0 passes unchanged
 EXPORT_META = "flashdmd_export.json"
+# spec 6 #20 [INF]: the raw weights are the paper-comparable ones, the EMA is reported beside them
+WEIGHT_NOTES = {"ema": "the generator's EMA (stage1.generator_ema_decay)",
+                "raw": "the generator's raw weights (no EMA)"}
 
 
 def student_scheduler(schedule: Schedule, timesteps: Sequence[int | float],
@@ -198,7 +203,8 @@ def model_card(cfg: Config, student: Student, facts: dict[str, Any], kwargs: dic
          f"{family.pipeline_class} teacher `{cfg.model.teacher or family.default_teacher or 'tiny preset'}`."),
         "",
         f"- training step: {src.step} ({src.kind} `{src.folder}`)",
-        f"- weights: {cfg.export.dtype}" + (f" (variant `{cfg.export.variant}`)" if cfg.export.variant else ""),
+        f"- weights: {cfg.export.dtype}" + (f" (variant `{cfg.export.variant}`)" if cfg.export.variant else "")
+        + f", {WEIGHT_NOTES[src.weights]}",
         f"- MLflow run: {src.run_id or '-'}",
         f"- student timesteps: {student.timesteps} (NFE {student.nfe}); guidance off (no CFG, spec 1.2)",
         f"- scheduler: {facts['scheduler']} ({facts['note']})",
@@ -242,12 +248,13 @@ def model_card(cfg: Config, student: Student, facts: dict[str, Any], kwargs: dic
     return "\n".join(lines)
 
 
-def export_pipeline(cfg: Config, source: str | Path, out_dir: str | Path) -> Path:
-    """Write the student of ``source`` (run dir, ``final/`` or step dir) as a diffusers pipeline folder."""
+def export_pipeline(cfg: Config, source: str | Path, out_dir: str | Path, weights: str = "") -> Path:
+    """Write the student of ``source`` (run dir, ``final/`` or step dir) as a diffusers pipeline folder;
+    ``weights``: the generator's ema or raw tensors ("" -> ema when the source has them)."""
     import diffusers
 
     out = Path(out_dir)
-    student = load_student(cfg, source, "cpu")
+    student = load_student(cfg, source, "cpu", weights)
     family = student.extras["family_spec"]
     engine = LocalEngine("cpu")
     engine.setup({"generator": student.generator}, {"generator": OptimSpec(lr=1e-8)}, {})
@@ -276,25 +283,25 @@ def export_pipeline(cfg: Config, source: str | Path, out_dir: str | Path) -> Pat
         "family": family.name, "step": student.source.step, "source": str(student.source.folder),
         "student_timesteps": student.timesteps, "scheduler": facts["scheduler"], "exact": facts["exact"],
         "set_timesteps_gives": facts["set_timesteps_gives"], "call_kwargs": kwargs, "dtype": cfg.export.dtype,
-        "variant": cfg.export.variant}, indent=1))
+        "variant": cfg.export.variant, "weights": student.source.weights}, indent=1))
     umask_modes(out)
     log.info("exported %s (step %d) to %s: %s", family.name, student.source.step, out, facts["note"])
     return out
 
 
-def default_out_dir(cfg: Config, source: str | Path) -> Path:
-    src = find_student(source)
-    return src.run_dir / "export" / f"step-{src.step:08d}"
+def default_out_dir(cfg: Config, source: str | Path, weights: str = "") -> Path:
+    src = find_student(source, weights)
+    return src.run_dir / "export" / (f"step-{src.step:08d}" + ("-ema" if src.weights == "ema" else ""))
 
 
-def main(cfg: Config, job: str = "export") -> Path | None:
+def main(cfg: Config, job: str = "export", weights: str = "") -> Path | None:
     """Launcher entry: rank 0 exports ``export.source`` (or the training run, ``sampling.default_source``)
     to ``export.out_dir`` (or ``<run>/export/step-N``)."""
     def body(ctx: DistContext) -> Path | None:
         if not ctx.is_main:
             return None
         source = cfg.export.source or default_source(cfg, job)
-        return export_pipeline(cfg, source, cfg.export.out_dir or default_out_dir(cfg, source))
+        return export_pipeline(cfg, source, cfg.export.out_dir or default_out_dir(cfg, source, weights), weights)
 
     return on_ranks(cfg, body)
 
@@ -305,12 +312,13 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="", help="output folder (default <run>/export/step-N)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="", help="saved weights' dtype (export.dtype)")
     parser.add_argument("--variant", default="", help="file-name variant, e.g. fp16 (export.variant)")
+    add_weights_flag(parser)
     args, cfg = parse_app_args(parser, argv)
     cfg.export.source = args.source or cfg.export.source
     cfg.export.out_dir = args.out or cfg.export.out_dir
     cfg.export.dtype = args.dtype or cfg.export.dtype
     cfg.export.variant = args.variant or cfg.export.variant
-    return exit_code("export", lambda: main(cfg, "export"), lambda out: f"pipeline in {out}")
+    return exit_code("export", lambda: main(cfg, "export", args.weights), lambda out: f"pipeline in {out}")
 
 
 if __name__ == "__main__":

@@ -27,13 +27,20 @@ device (``flashdmd.apps.plan_arch``) and models, per GPU:
   transition. The larger turn is the peak. Transient no-grad forwards (teacher with CFG,
   candidate scoring), the CUDA context and fragmentation are not modelled: ``--reserve`` GiB are
   kept free for them.
-- the batch: ``data.global_batch_size`` split over the GPUs when set (spec 1.9), else
-  ``data.batch_size`` per GPU.
+- the generator EMA (``stage1.generator_ema``, spec 6 #20): one fp32 copy of the generator's
+  trainable tensors, held like its parameters (replicated, FSDP2 shards, or pieces of the ZeRO-3
+  fp32 masters, on the host where those are offloaded).
+- the batch: ``data.global_batch_size`` split over the GPUs when set (spec 1.9; the first
+  B % W GPUs take one sample more, flashdmd/algo/shares.py), else ``data.batch_size`` per GPU.
+  Memory and FLOPs are those of the largest share, the GPU that peaks.
 
 Host memory per node at start-up: each rank's process reads the frozen networks whole
-(from_pretrained, then moved to its GPU); sharded engines build the stage-1 students on the
-meta device and read only their shard (``flashdmd.nets.lazy``), the local engine and stage 2
-(the hand-over holds whole weights) hold two fp32 students; offloaded states stay on the host.
+(from_pretrained, then moved to its GPU), except the teacher and the stage-2 reference with
+``engine.teacher_sharding=zero3``, which a sharded engine fills shard by shard; sharded engines
+build the students on the meta device and read only their shard, from the teacher folder in
+stage 1 and from the hand-over in stage 2 (``flashdmd.nets.lazy``, ``flashdmd.train.handoff``);
+the local engine holds two fp32 students (and in stage 2 a copy of the generator as the
+reference); offloaded states stay on the host.
 FLOPs per iteration per network come from ``plan_flops`` (FlopCounterMode on the meta device),
 with the Flash-DMD / DMD2 ratio of the same preset. ``tests/apps/test_planner.py`` checks the
 rows against the real engines and the activations against measured tiny runs.
@@ -84,6 +91,7 @@ class Plan:
     counts: dict[str, tuple[int, int]]  # network -> (parameters, trainable parameters)
     settings: dict[str, Any]
     global_batch: int = 0
+    shares: list[int] = field(default_factory=list)  # every GPU's batch (spec 1.9); ranks differ by at most one
     host_startup: int = 0  # bytes per rank's process at start-up (before the frozen nets move to the GPU)
     gpus_per_node: int = 8
     flops: dict[str, float] = field(default_factory=dict)  # network -> FLOPs per iteration per GPU
@@ -196,20 +204,39 @@ def _host_startup(cfg: Config, arch: Architecture, stage: int, rows: list[Row], 
     """Bytes one rank's process holds on the host at its start-up peak (see the module docstring)."""
     frozen_b = DTYPE_BYTES[cfg.model.dtype]
     n_text = sum(count(t) for t in arch.text_encoders)
-    total = frozen_b * (count(arch.denoiser) + count(arch.vae) + n_text + count(arch.sam))
+    # sharded engines fill the students (both stages, from the hand-over in stage 2) and, with
+    # teacher_sharding=zero3, the teacher and the reference shard by shard on the device (nets/lazy.py)
+    lazy = cfg.engine.kind != "local"
+    frozen_sharded = lazy and cfg.engine.teacher_sharding == "zero3"
+    teacher = 0 if frozen_sharded else count(arch.denoiser)
+    total = frozen_b * (teacher + count(arch.vae) + n_text + count(arch.sam))
     if _reward_present(cfg, arch, stage):  # read whole, trimmed once loaded
         total += frozen_b * (count(arch.denoiser) + n_text)
-    lazy = cfg.engine.kind != "local" and stage == 1
     if not lazy:
         total += 2 * 4 * n_student  # the two fp32 students, whole
-    if stage == 2:
-        total += 2 * 4 * n_student + 4 * n_student  # the hand-over's weights and the reference's fp32 copy
+    if stage == 2 and not frozen_sharded:  # the reference, whole: an fp32 copy of the generator, or read
+        total += (4 if not lazy else DTYPE_BYTES[cfg.engine.precision]) * n_student  # in the compute dtype
     return total + sum(r.host for r in rows)
 
 
 def per_gpu_batch(cfg: Config, world_size: int) -> int:
-    """The per-GPU batch the run will use (``data.global_batch_size`` split, else ``data.batch_size``)."""
-    return cfg.data.per_rank(world_size)
+    """The largest per-GPU batch of the run (``data.global_batch_size`` split, else ``data.batch_size``):
+    the share the memory plan must fit (spec 1.9)."""
+    return max(cfg.data.shares(world_size))
+
+
+def _ema_row(cfg: Config, trainable: int, world: int) -> Row:
+    """The generator EMA (spec 6 #20): fp32 copies of the trainable tensors, laid out like the
+    parameters' fp32 copies of each engine (flashdmd/engine/shadow.py)."""
+    e = cfg.engine
+    if e.kind == "local":
+        return Row("generator EMA", 4 * trainable)
+    row = Row("generator EMA", 4 * trainable // world)
+    # FSDP2 offload moves the parameter shards to the host; ZeRO-3 keeps the fp32 masters there
+    # with the optimizer offloaded, and the EMA pieces sit beside them
+    if e.offload_optimizer if e.kind == "deepspeed" else (e.offload_params or e.offload_optimizer):
+        row.host, row.params = row.params, 0
+    return row
 
 
 def plan(cfg: Config, world_size: int, stage: int = 1, gpu_mem_gib: float = 80.0, reserve_gib: float = 2.0,
@@ -237,6 +264,9 @@ def plan(cfg: Config, world_size: int, stage: int = 1, gpu_mem_gib: float = 80.0
             _trainable_row("fake_score", n_student, t_student, cfg, world, host_opt, host_par),
             _trainable_row("discriminator", n_heads, n_heads, cfg, world, host_opt, host_par,
                            frozen_b, n_sam)]
+    if cfg.stage1.generator_ema:  # kept in stage 2 too (it continues the hand-over's EMA)
+        counts["generator EMA"] = (t_student, 0)
+        rows.append(_ema_row(cfg, t_student, world))
     teacher_world = world if e.teacher_sharding == "zero3" else 1
     rows += [Row("teacher", frozen_b * n_den // teacher_world), Row("decoder", frozen_b * n_vae),
              Row("text_encoders", frozen_b * n_text)]
@@ -266,16 +296,19 @@ def plan(cfg: Config, world_size: int, stage: int = 1, gpu_mem_gib: float = 80.0
                 "gan_batch_fraction": cfg.stage1.gan_batch_fraction, "offload_optimizer": host_opt,
                 "offload_params": host_par, "teacher_sharding": e.teacher_sharding, "mode": cfg.stage1.mode,
                 "stage": stage, "peak": peak_turn}
+    shares = cfg.data.shares(world_size)
     result = Plan(cfg.model.family, e.kind, world_size, gpu_mem_gib, reserve_gib, rows, counts, settings,
-                  global_batch=batch * world_size, host_startup=_host_startup(cfg, arch, stage, rows, n_student),
+                  global_batch=sum(shares), shares=shares, host_startup=_host_startup(cfg, arch, stage, rows, n_student),
                   gpus_per_node=min(gpus_per_node, world_size))
     if with_flops:
         from flashdmd.nets.families import get_family
 
         latent = get_family(cfg.model.family).latent_shape(cfg.data.resolution)
         result.flops = iteration_flops(cfg, arch, batch, latent, stage)
-        dmd2 = iteration_flops(_with(cfg, ["stage1.mode=dmd2", "stage1.dm_steps=[]", "stage1.gan_steps=[]"]),
-                               arch, batch, latent, stage)
+        # the engine does not change FLOPs; dmd2 is refused with a sharded engine, the SDXL presets'
+        as_dmd2 = ["stage1.mode=dmd2", "stage1.dm_steps=[]", "stage1.gan_steps=[]", "engine.kind=local",
+                   "engine.teacher_sharding=replicate", "engine.offload_optimizer=false", "engine.offload_params=false"]
+        dmd2 = iteration_flops(_with(cfg, as_dmd2), arch, batch, latent, stage)
         result.flops_ratio = sum(result.flops.values()) / sum(dmd2.values())
     if suggest and with_activations and not result.fits:
         result.suggestion = cheapest_fix(cfg, world_size, stage, gpu_mem_gib, reserve_gib, arch)
@@ -327,7 +360,7 @@ def cheapest_fix(cfg: Config, world_size: int, stage: int, gpu_mem_gib: float, r
             try:
                 if fits(cfg, world_size * factor):
                     return f"{factor}x the GPUs ({world_size * factor} in all)"
-            except ConfigError:  # the global batch does not split over that many GPUs
+            except ConfigError:  # fewer samples in the global batch than GPUs
                 continue
     batch = per_gpu_batch(cfg, world_size)
     while batch > 1:
@@ -341,11 +374,21 @@ def _flops(value: float) -> str:
     return f"{value / 1e15:.1f} PFLOP" if value >= 1e14 else f"{value / 1e12:.3g} TFLOP"
 
 
+def _shares_text(shares: list[int]) -> str:
+    """``2 per GPU x 32 GPUs``, or for an uneven split ``2 per GPU on 16 GPUs, 1 on 16``."""
+    big, small = max(shares), min(shares)
+    if big == small:
+        return f"{big} per GPU x {len(shares)} GPUs"
+    n_big = shares.count(big)
+    return (f"{big} per GPU on {n_big} GPUs, {small} on {len(shares) - n_big} (uneven: losses reweighted "
+            f"exactly, memory planned for {big})")
+
+
 def render(p: Plan) -> str:
     gib = lambda b: f"{b / GIB:8.2f}"
     lines = [f"{p.family} on {p.world_size} GPU(s), engine {p.engine}: "
              + ", ".join(f"{k}={v}" for k, v in p.settings.items()),
-             f"global batch {p.global_batch} ({p.settings['batch/GPU']} per GPU x {p.world_size} GPUs)",
+             f"global batch {p.global_batch}: {_shares_text(p.shares)}",
              (f"{'network':<22}{'params M':>10}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'GPU GiB':>9}"
               f"{'host GiB':>9}")]
     for r in p.rows:

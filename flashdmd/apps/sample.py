@@ -20,17 +20,24 @@ from the map every step directory carries, so a step directory of any engine (lo
 DeepSpeed ZeRO-3) and at any world size serves as well as the hand-over: sampling, export,
 evaluation and the watcher all take intermediate checkpoints.
 
+Raw or EMA weights (spec 6 #20 [INF]: report both; the raw ones are the paper-comparable ones):
+a run with ``stage1.generator_ema`` saves network ``generator_ema`` beside ``generator``, and the
+apps take it by default when the source has it (``--weights ema|raw``; ``weights=""``: ema when
+present). The EMA covers the trainable tensors; buffers come from the generator. The choice is
+``StudentSource.weights``, which the apps record (samples.json, export card, eval results).
+
 The sample job (``main(cfg, "sample")`` or ``python -m flashdmd.apps.sample``): prompts from
 ``sample.prompts`` or ``sample.prompts_file`` -> ``grid.png`` plus one PNG per image and
 ``samples.json`` (prompt, seed, file) under ``sample.out_dir``.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +72,7 @@ class StudentSource:
     family: str
     student_timesteps: list[int] | None  # None: not recorded (older checkpoints); the config's are used
     run_id: str | None
+    weights: str = "raw"  # "raw" | "ema": which generator tensors load_generator_weights takes (spec 6 #20)
 
 
 def _from_handoff(folder: Path) -> StudentSource:
@@ -80,8 +88,28 @@ def _from_checkpoint(folder: Path) -> StudentSource:
                          list(timesteps) if timesteps else None, trainer.get("mlflow_run_id"))
 
 
-def find_student(source: str | Path) -> StudentSource:
-    """A run directory (hand-over first, else newest valid checkpoint), a ``final/`` folder or a step directory."""
+WEIGHTS = ("ema", "raw")
+EMA_NETWORK = "generator_ema"  # flashdmd.engine.shadow.shadow_name("generator")
+
+
+def choose_weights(source: StudentSource, weights: str = "") -> StudentSource:
+    """``source`` with its weights chosen: "ema" or "raw" as asked, "" -> ema when the source has it."""
+    if weights not in ("", *WEIGHTS):
+        raise ValueError(f"weights must be one of {WEIGHTS} (or empty: ema when present), got {weights!r}")
+    has_ema = EMA_NETWORK in CheckpointReader(source.folder).networks()
+    if weights == "ema" and not has_ema:
+        raise FileNotFoundError(f"{source.folder} holds no generator EMA (the run had stage1.generator_ema=false); "
+                                "use --weights raw")
+    return replace(source, weights=weights or ("ema" if has_ema else "raw"))
+
+
+def find_student(source: str | Path, weights: str = "") -> StudentSource:
+    """A run directory (hand-over first, else newest valid checkpoint), a ``final/`` folder or a step
+    directory; ``weights`` as ``choose_weights``."""
+    return choose_weights(_locate(source), weights)
+
+
+def _locate(source: str | Path) -> StudentSource:
     path = Path(source)
     if (path / META).is_file():
         return _from_handoff(path)
@@ -202,7 +230,8 @@ class TeacherBaseline:
 
 
 def load_generator_weights(generator: torch.nn.Module, source: StudentSource) -> None:
-    """Load the generator's trainable tensors from a hand-over or a step directory of any engine."""
+    """Load the generator's trainable tensors from a hand-over or a step directory of any engine:
+    the raw ones, or with ``source.weights == "ema"`` the EMA's over the raw buffers."""
     reader = CheckpointReader(source.folder)
     if "generator" not in reader.networks():
         raise FileNotFoundError(f"{source.folder} holds no generator (networks: {reader.networks()})")
@@ -213,7 +242,15 @@ def load_generator_weights(generator: torch.nn.Module, source: StudentSource) ->
         diff = sorted(saved ^ expected - buffers)[:5]
         raise ValueError(f"{source.folder}: the saved generator does not fit the generator built from this config "
                          f"(e.g. {diff}); model.family or model.lora.enabled differ from the training run")
-    generator.load_state_dict({k: t for k, t in reader.tensors("generator") if k in expected}, strict=False)
+    state = {k: t for k, t in reader.tensors("generator") if k in expected}
+    if source.weights == "ema":
+        trainable = {n for n, p in generator.named_parameters() if p.requires_grad}
+        ema = reader.state_dict(EMA_NETWORK)
+        if set(ema) != trainable:
+            raise ValueError(f"{source.folder}: the saved generator EMA does not fit the generator built from this "
+                             f"config (e.g. {sorted(set(ema) ^ trainable)[:5]})")
+        state.update({k: v.to(state[k].dtype) for k, v in ema.items()})
+    generator.load_state_dict(state, strict=False)
 
 
 def new_student(cfg: Config, source: StudentSource, device: torch.device | str = "cpu") -> Student:
@@ -230,9 +267,11 @@ def new_student(cfg: Config, source: StudentSource, device: torch.device | str =
     return Student(build_parts(cfg, cache_dir, lazy=False), timesteps_of(cfg, source), source, torch.device(device))
 
 
-def load_student(cfg: Config, source: str | Path | StudentSource, device: torch.device | str = "cpu") -> Student:
-    """The trained student of ``source`` (see ``find_student``), built from ``cfg``'s family."""
-    src = source if isinstance(source, StudentSource) else find_student(source)
+def load_student(cfg: Config, source: str | Path | StudentSource, device: torch.device | str = "cpu",
+                 weights: str = "") -> Student:
+    """The trained student of ``source`` (see ``find_student``; ``weights``: ema | raw | "" = ema
+    when present), built from ``cfg``'s family."""
+    src = source if isinstance(source, StudentSource) else find_student(source, weights)
     student = new_student(cfg, src, device)
     student.load(src, cfg)
     return student
@@ -258,10 +297,10 @@ def sample_prompts(cfg: Config) -> list[str]:
     return list(cfg.tracking.sample_prompts)  # the prompts of the training run's sample grids
 
 
-def run_sample(cfg: Config, device: torch.device | str = "cpu") -> Path:
+def run_sample(cfg: Config, device: torch.device | str = "cpu", weights: str = "") -> Path:
     """Generate the sample job's images; returns the output folder."""
     prompts = sample_prompts(cfg)
-    student = load_student(cfg, cfg.sample.source or default_source(cfg, "sample"), device)
+    student = load_student(cfg, cfg.sample.source or default_source(cfg, "sample"), device, weights)
     expanded = [p for p in prompts for _ in range(cfg.sample.images_per_prompt)]
     seeds = [cfg.sample.seed + i for i in range(len(expanded))]
     images = generate_batched(student, expanded, seeds, cfg.sample.batch_size)
@@ -275,14 +314,19 @@ def run_sample(cfg: Config, device: torch.device | str = "cpu") -> Path:
     Image.fromarray(image_grid(images)).save(out / "grid.png")
     (out / "samples.json").write_text(json.dumps({
         "source": str(student.source.folder), "step": student.source.step, "family": student.family,
-        "timesteps": student.timesteps, "images": records}, indent=1))
+        "weights": student.source.weights, "timesteps": student.timesteps, "images": records}, indent=1))
     log.info("wrote %d images and grid.png to %s", len(records), out)
     return out
 
 
-def main(cfg: Config, job: str = "sample") -> Path | None:
+def main(cfg: Config, job: str = "sample", weights: str = "") -> Path | None:
     """Launcher entry: rank 0 samples (a handful of images needs no sharding); returns the folder there."""
-    return on_ranks(cfg, lambda ctx: run_sample(cfg, ctx.device) if ctx.is_main else None)
+    return on_ranks(cfg, lambda ctx: run_sample(cfg, ctx.device, weights) if ctx.is_main else None)
+
+
+def add_weights_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", choices=WEIGHTS, default="",
+                        help="the generator's EMA or raw weights (default: ema when the source has it, spec 6 #20)")
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -291,12 +335,13 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; sample.prompts)")
     parser.add_argument("--prompts-file", default="", help="text/JSONL prompt file (sample.prompts_file)")
     parser.add_argument("--out", default="", help="output folder (sample.out_dir)")
+    add_weights_flag(parser)
     args, cfg = parse_app_args(parser, argv)
     cfg.sample.source = args.source or cfg.sample.source
     cfg.sample.prompts = args.prompt or cfg.sample.prompts
     cfg.sample.prompts_file = args.prompts_file or cfg.sample.prompts_file
     cfg.sample.out_dir = args.out or cfg.sample.out_dir
-    return exit_code("sample", lambda: main(cfg, "sample"), lambda out: f"samples in {out}")
+    return exit_code("sample", lambda: main(cfg, "sample", args.weights), lambda out: f"samples in {out}")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,14 @@ Rank 0 decides what to do next and broadcasts it, so all ranks evaluate the same
 directory pruned by training while it is being read (``checkpoint.keep_last``) is skipped on
 every rank (the ranks agree with one all-reduce). The watcher stops once the run's hand-over
 ``final/`` exists and every step is evaluated (the final step too), or after
-``eval.watch_timeout_s`` without a new checkpoint (0: no time limit).
+``eval.watch_timeout_s`` without a new checkpoint (0: no time limit). ``--weights ema|raw``
+chooses the generator's EMA or raw weights (default: the EMA where a checkpoint has it, spec 6 #20);
+a step counts as evaluated when it has results for that choice (either, by default).
 """
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -34,7 +37,7 @@ from flashdmd.config import Config
 from flashdmd.infra.distributed import DistContext, barrier
 from flashdmd.apps.evaluate import RESULTS_JSON, EvalResult, eval_root, evaluate_source
 from flashdmd.train.handoff import FINAL, META
-from flashdmd.apps.sample import Student, StudentSource, default_source, find_student, new_student
+from flashdmd.apps.sample import Student, StudentSource, add_weights_flag, default_source, find_student, new_student
 
 log = logging.getLogger("flashdmd.apps.watch")
 
@@ -43,23 +46,31 @@ def checkpoint_dir(cfg: Config, run_dir: Path) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
 
 
-def evaluated_steps(cfg: Config, run_dir: Path) -> set[int]:
-    """Steps whose results exist (``<eval root>/step-N/results.json``)."""
-    return {int(p.parent.name.removeprefix("step-")) for p in eval_root(cfg, run_dir).glob(f"step-*/{RESULTS_JSON}")}
+STEP_FOLDER = re.compile(r"^step-(\d{8})(-ema)?$")  # flashdmd.apps.evaluate.step_folder
 
 
-def next_source(cfg: Config, run_dir: Path, done: set[int]) -> StudentSource | None:
+def evaluated_steps(cfg: Config, run_dir: Path, weights: str = "") -> set[int]:
+    """Steps whose results exist (``<eval root>/step-N[-ema]/results.json``) for ``weights`` ("": either)."""
+    steps = set()
+    for path in eval_root(cfg, run_dir).glob(f"step-*/{RESULTS_JSON}"):
+        match = STEP_FOLDER.match(path.parent.name)
+        if match and (not weights or (match.group(2) is not None) == (weights == "ema")):
+            steps.add(int(match.group(1)))
+    return steps
+
+
+def next_source(cfg: Config, run_dir: Path, done: set[int], weights: str = "") -> StudentSource | None:
     """The oldest valid checkpoint not yet evaluated (honouring ``eval.every``), else an unevaluated hand-over."""
     every = cfg.eval.every
     for step, path in step_dirs(checkpoint_dir(cfg, run_dir)):
         if step in done or (every and step % every):
             continue
         try:
-            return find_student(path)
+            return find_student(path, weights)
         except (FileNotFoundError, OSError, ValueError):  # partial (no marker yet) or pruned meanwhile
             continue
     if (run_dir / FINAL / META).is_file():
-        final = find_student(run_dir / FINAL)
+        final = find_student(run_dir / FINAL, weights)
         return None if final.step in done else final
     return None
 
@@ -78,16 +89,17 @@ def _broadcast(decision: list[object]) -> list[object]:
     return decision
 
 
-def watch(cfg: Config, rank: int, world_size: int, device: torch.device, run_dir: Path) -> list[EvalResult]:
+def watch(cfg: Config, rank: int, world_size: int, device: torch.device, run_dir: Path,
+          weights: str = "") -> list[EvalResult]:
     """Collective: evaluate new checkpoints of ``run_dir`` until the run is finished (see module doc)."""
-    done = evaluated_steps(cfg, run_dir) if rank == 0 else set()
+    done = evaluated_steps(cfg, run_dir, weights) if rank == 0 else set()
     student: Student | None = None
     results: list[EvalResult] = []
     last_new = time.monotonic()
     while True:
         decision: list[object] = [None, False]  # [source to evaluate, stop]
         if rank == 0:
-            source = next_source(cfg, run_dir, done)
+            source = next_source(cfg, run_dir, done, weights)
             finished = (run_dir / FINAL / META).is_file()
             timed_out = cfg.eval.watch_timeout_s > 0 and time.monotonic() - last_new > cfg.eval.watch_timeout_s
             decision = [source, source is None and (finished or timed_out)]
@@ -113,11 +125,11 @@ def watch(cfg: Config, rank: int, world_size: int, device: torch.device, run_dir
         done.add(source.step)
 
 
-def main(cfg: Config, job: str = "watch") -> list[EvalResult]:
+def main(cfg: Config, job: str = "watch", weights: str = "") -> list[EvalResult]:
     """Launcher entry (every rank): watch ``eval.source`` (a run directory; "" -> ``sampling.default_source``)."""
     def body(ctx: DistContext) -> list[EvalResult]:
         run_dir = Path(cfg.eval.source) if cfg.eval.source else default_source(cfg, job, need_student=False)
-        return watch(cfg, ctx.rank, ctx.world_size, ctx.device, run_dir)
+        return watch(cfg, ctx.rank, ctx.world_size, ctx.device, run_dir, weights)
 
     return on_ranks(cfg, body, wait_for_all=True)
 
@@ -125,9 +137,10 @@ def main(cfg: Config, job: str = "watch") -> list[EvalResult]:
 def cli(argv: list[str] | None = None) -> int:
     parser = app_parser("watch", "Evaluate a training run's checkpoints as they appear.")
     parser.add_argument("--run-dir", default="", help="the training run directory (eval.source)")
+    add_weights_flag(parser)
     args, cfg = parse_app_args(parser, argv)
     cfg.eval.source = args.run_dir or cfg.eval.source
-    return exit_code("watch", lambda: main(cfg, "watch"), lambda results: f"evaluated steps {[r.step for r in results]}")
+    return exit_code("watch", lambda: main(cfg, "watch", args.weights), lambda results: f"evaluated steps {[r.step for r in results]}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,12 @@ class Stage1Config:
     ttur: int = setting(1, ge=1, le=100, why="fake-score/D updates per generator update, spec 1.6")
     fake_ema: bool = True  # Algorithm 1 line 18 (spec 1.7)
     fake_ema_decay: float = setting(0.999, ge=0, lt=1)  # [INF] spec 6 #2
+    # spec 6 #20 [INF]: an EMA of the generator for evaluation and export, beside the raw weights
+    # (the paper-comparable ones). Off by default: it holds one fp32 copy of the generator's
+    # trainable tensors per rank's shard. It moves after every applied generator update, RL ones
+    # included; stage 2 reads this section too and continues the hand-over's EMA when it has one.
+    generator_ema: bool = False
+    generator_ema_decay: float = setting(0.999, ge=0, lt=1)  # [INF] spec 1.7 / 6 #20
     real_guidance_scale: float = setting(8.0, **GUIDANCE)  # [INF] spec 6 #9 (DMD2 SDXL value)
     fake_guidance_scale: float = setting(1.0, **GUIDANCE)
     dmd_noise_min: float = setting(0.02, ge=0, le=1)  # DMD re-noise range as a fraction of T [INF] spec 6 #6
@@ -73,6 +79,14 @@ class Stage1Config:
                     "list at least one step in stage1.dm_steps")
         rules.check(self.dmd_noise_min < self.dmd_noise_max, ("dmd_noise_min", "dmd_noise_max"),
                     "must be < stage1.dmd_noise_max (the DMD re-noise range, fractions of T)")
+        # the EMA starts at the initial (teacher) weights, whose share after n updates is decay^n:
+        # an EMA still mostly the teacher at the end of the run evaluates nothing that was trained
+        in_limits = 0 <= self.generator_ema_decay < 1  # outside, the field limit reports it
+        share = self.generator_ema_decay ** self.iterations if in_limits else 0.0
+        rules.check(not self.generator_ema or share <= 0.5, ("generator_ema_decay", "iterations"),
+                    f"leaves {share:.0%} of the initial weights in the generator EMA after stage1.iterations "
+                    "updates (decay^iterations must be <= 0.5)",
+                    "lower stage1.generator_ema_decay, e.g. 1 - 2 / stage1.iterations, or train longer")
 
 
 @dataclass

@@ -12,6 +12,11 @@ Non-finite policy, the same on every engine: ``step`` refuses an update when any
 flag, so all ranks refuse the same update). A refused update leaves weights, optimizer moments
 and the schedule's step counter as they were, drops the gradients, and is reported as
 ``{"skipped": 1.0}`` next to ``grad_norm`` and ``lr``; ``flashdmd.train.guard`` counts it.
+
+Generator EMA (spec 6 #20 [INF]): ``track_ema(name, decay)`` keeps an fp32 shadow of a trainable
+network (flashdmd.engine.shadow), which each engine's ``step`` moves after every update it
+applies (``_applied``) and never after a refused one. ``save_shadows``/``load_shadows`` put it in
+a step directory as one more network ``<name>_ema``.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from torch import Tensor, nn
 
 from flashdmd.engine.common import finite_everywhere
 from flashdmd.engine.lr import OptimSpec, StepSchedule
+from flashdmd.engine.shadow import Shadow
 
 
 class Engine(ABC):
@@ -47,6 +53,13 @@ class Engine(ABC):
     @abstractmethod
     def __getitem__(self, name: str) -> nn.Module:
         """The (possibly wrapped) module to call forward on; KeyError for an unknown name."""
+
+    @abstractmethod
+    def raw(self, name: str) -> nn.Module:
+        """The network ``name`` itself, inside any wrapper, as the engine holds it: a sharded
+        engine may have rebuilt a meta-device network (flashdmd.nets.lazy), so a forward hook
+        that must fire (the DMD2 classifier's bottleneck tap) goes on this module, not on the
+        one handed to ``setup``. KeyError for an unknown name."""
 
     def __contains__(self, name: str) -> bool:
         try:
@@ -91,6 +104,44 @@ class Engine(ABC):
         """Multiply the base rate of every trainable network's schedule (warm-up and decay follow)."""
         for schedule in self.schedules.values():
             schedule.spec.lr *= factor
+
+    # -- the generator EMA for evaluation and export (spec 6 #20) ---------------------------------
+    @property
+    def shadows(self) -> dict[str, Shadow]:
+        """The EMA shadows kept, by the network they follow."""
+        return self.__dict__.setdefault("_shadows", {})
+
+    def track_ema(self, name: str, decay: float) -> None:
+        """Keep an fp32 EMA of trainable network ``name``, starting at its current weights; every
+        applied update of ``name`` moves it (psi <- decay psi + (1 - decay) theta, spec 1.7 Eq. 11)."""
+        if name not in self.trainable_names():
+            raise KeyError(f"track_ema: {name!r} is not a trainable network (trainable: {self.trainable_names()})")
+        self.shadows[name] = self._shadow(name, decay)
+
+    def _shadow(self, name: str, decay: float) -> Shadow:
+        """The shadow of ``name`` in this engine's layout (flashdmd.engine.shadow)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no EMA shadow")
+
+    def _applied(self, name: str) -> None:
+        """Called by ``step`` after an update of ``name`` was applied: moves its EMA, if kept."""
+        shadow = self.shadows.get(name)
+        if shadow is not None:
+            shadow.update_()
+
+    def save_shadows(self, step_dir: Path) -> None:
+        """Collective: every EMA shadow into ``step_dir`` as network ``<name>_ema``."""
+        for name in sorted(self.shadows):
+            self.shadows[name].save(Path(step_dir))
+
+    def load_shadows(self, folder: Path) -> None:
+        """Collective: restore every EMA shadow from a step directory (written at any world size,
+        by any engine) or a hand-over folder (stage 2 continues stage 1's EMA)."""
+        for name in sorted(self.shadows):
+            self.shadows[name].load(Path(folder))
+
+    def ema_full_state_dict(self, name: str) -> dict[str, Tensor]:
+        """Collective: the full EMA tensors of network ``name`` on rank 0, {} elsewhere."""
+        return self.shadows[name].full_state_dict()
 
     # -- the non-finite policy, shared by every engine ------------------------------------------
     def _record_loss(self, name: str, loss: Tensor) -> None:

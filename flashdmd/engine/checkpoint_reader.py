@@ -5,7 +5,8 @@ process, from the map each step directory carries (``flashdmd.engine.checkpoint_
 local/DDP file is read as is, FSDP2's torch.distributed.checkpoint chunks are placed at the
 offsets their safetensors headers record, ZeRO-3's flat partitions are cut at the map's offsets
 and joined over ranks. Tensors are read one by one (``tensors``), so peak memory is one network
-(``state_dict``) or one tensor (``tensors``), never a whole step. Nothing is unpickled: only
+(``state_dict``) or one tensor (``tensors``), never a whole step; from a hand-over, ``tensor``
+reads a range of rows only (a rank's shard, ``flashdmd.train.handoff``). Nothing is unpickled: only
 safetensors (``safe_open``) and JSON.
 
 What it returns for a network is what training checkpointed for it: the trainable parameters
@@ -83,12 +84,16 @@ class CheckpointReader:
             t = self.tensor(network, key)
             yield key, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
 
-    def tensor(self, network: str, key: str) -> Tensor:
-        """The full tensor ``key`` of ``network``."""
+    def tensor(self, network: str, key: str, rows: slice | None = None) -> Tensor:
+        """The full tensor ``key`` of ``network``, or only its ``rows`` along dim 0: a ``full``
+        file (the hand-over) reads just those rows, the sharded layouts assemble the tensor first."""
         layout = self.map(network)["layout"]
         if key not in self.map(network)["tensors"]:
             raise KeyError(f"{self.folder}: network {network!r} has no tensor {key!r}")
-        return {"full": self._full, "dcp": self._dcp, "zero3": self._zero3}[layout](network, key)
+        if layout == "full":
+            return self._full(network, key, rows)
+        full = {"dcp": self._dcp, "zero3": self._zero3}[layout](network, key)
+        return full if rows is None else full[rows]
 
     def state_dict(self, network: str, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         return dict(self.tensors(network, dtype))
@@ -103,9 +108,9 @@ class CheckpointReader:
         raise ValueError(f"{self.folder}: optimizer moments of layout {layout!r} are read by its engine, not here")
 
     # ---------------------------------------------------------------- layouts
-    def _full(self, network: str, key: str) -> Tensor:
+    def _full(self, network: str, key: str, rows: slice | None = None) -> Tensor:
         with safe_open(str(self.folder / f"{network}.safetensors"), "pt") as f:
-            return f.get_tensor(key)
+            return f.get_tensor(key) if rows is None else f.get_slice(key)[rows]
 
     def _dcp(self, network: str, key: str, stored: str | None = None) -> Tensor:
         """Place every rank's chunk of ``model.<key>`` (or ``stored``) at its recorded offsets."""

@@ -4,7 +4,7 @@ per-network memory report."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -82,13 +82,18 @@ def all_reduce_mean(value: Tensor, device: torch.device) -> Tensor:
     return out.to(value.device)
 
 
-def ema_pairs(target: nn.Module, source: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
-    """The (name, target, source) parameter pairs the EMA pull updates: the trainable ones
-    (with LoRA: the adapter weights and any unfrozen tensor, spec 1.7 [INF]).
+EmaTarget = nn.Module | Mapping[str, Tensor]
 
-    Raises when the two networks do not have the same trainable names and shapes, since then
-    their shards would not line up."""
-    tgt = dict(trainable_parameters(target))
+
+def ema_pairs(target: EmaTarget, source: nn.Module) -> list[tuple[str, Tensor, nn.Parameter]]:
+    """The (name, target, source) tensor pairs the EMA updates: the trainable parameters (with
+    LoRA: the adapter weights and any unfrozen tensor, spec 1.7 [INF]). The target is a network
+    (the fake-score pull) or a name -> tensor mapping keyed like the source's trainable
+    parameters (the generator EMA's shadow tensors, flashdmd.engine.shadow).
+
+    Raises when the two do not have the same trainable names and (for two networks) shapes,
+    since then their shards would not line up."""
+    tgt = dict(target) if isinstance(target, Mapping) else dict(trainable_parameters(target))
     src = dict(trainable_parameters(source))
     if tgt.keys() != src.keys():
         missing = sorted(set(tgt) ^ set(src))[:5]
@@ -96,7 +101,9 @@ def ema_pairs(target: nn.Module, source: nn.Module) -> list[tuple[str, nn.Parame
     pairs = []
     for name, p in tgt.items():
         q = src[name]
-        if p.shape != q.shape:
+        # a shadow may hold another layout than the parameter (a ZeRO-3 partition beside the
+        # partitioned parameter): its pieces are compared in ema_update_, after the shard view
+        if not isinstance(target, Mapping) and p.shape != q.shape:
             raise ValueError(f"EMA needs identical architectures; {name} has shape {tuple(p.shape)} vs {tuple(q.shape)}")
         pairs.append((name, p, q))
     return pairs
@@ -110,10 +117,11 @@ ShardView = Callable[[str, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 @torch.no_grad()
-def ema_update_(target: nn.Module, source: nn.Module, decay: float, shards: ShardView = _whole,
+def ema_update_(target: EmaTarget, source: nn.Module, decay: float, shards: ShardView = _whole,
                 store: Callable[[Tensor, Tensor], None] | None = None) -> None:
     """The one EMA of every engine (spec 1.7, Eq. 11): psi <- decay psi + (1 - decay) theta over
-    the trainable tensors matched by name (``ema_pairs``), each rank on what it holds.
+    the trainable tensors matched by name (``ema_pairs``), each rank on what it holds. The target
+    is another network (the fake-score pull) or a mapping of shadow tensors (the generator EMA).
 
     ``shards(name, p, q)`` gives this rank's pieces of the target and source tensor (the whole
     tensor on replicas, the local DTensor shard under FSDP2, the fp32 master partition under

@@ -58,6 +58,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else
 import deepspeed
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_local_fp32_param
 
+from flashdmd.engine.shadow_zero3 import Zero3Shadow  # imports DeepSpeed: after its accelerator is set
+
 SHARDED_FROZEN = ("teacher", "reference")
 NATIVE_TAG = "ds"  # the tag of DeepSpeed's own checkpoint inside <step>/<name>/
 log = logging.getLogger("flashdmd.engine")
@@ -87,6 +89,7 @@ class DeepSpeedEngine(Engine):
         offload_params: bool = False,
         teacher_sharding: str = "replicate",
         native_layout: bool = True,
+        micro_batch: int = 1,
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("DeepSpeedEngine needs an initialised process group (torch.distributed.init_process_group)")
@@ -100,6 +103,7 @@ class DeepSpeedEngine(Engine):
         self.offload_optimizer, self.offload_params = offload_optimizer, offload_params
         self.teacher_sharding = teacher_sharding
         self.native_layout = native_layout
+        self.micro_batch = micro_batch
         self.engines: dict[str, Any] = {}
         self.frozen_nets: dict[str, nn.Module] = {}
         self.schedules: dict[str, StepSchedule] = {}
@@ -112,7 +116,9 @@ class DeepSpeedEngine(Engine):
         if self.offload_params:
             zero["offload_param"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
         config: dict[str, Any] = {
-            "train_micro_batch_size_per_gpu": 1,  # required by DeepSpeed's checks; batching is ours
+            # required by DeepSpeed's checks; batching is ours: the largest per-rank share of the global
+            # batch (ranks may differ by one, spec 1.9), which DeepSpeed only uses for its throughput logs
+            "train_micro_batch_size_per_gpu": self.micro_batch,
             "gradient_accumulation_steps": 1,
             "zero_optimization": zero,
             "steps_per_print": 2**31 - 1,
@@ -130,7 +136,7 @@ class DeepSpeedEngine(Engine):
                 }
         return config
 
-    def _build_partitioned(self, meta: nn.Module, lazy: LazyNet, spec: OptimSpec) -> nn.Module:
+    def _build_partitioned(self, meta: nn.Module, lazy: LazyNet, spec: OptimSpec | None) -> nn.Module:
         """A meta-built network rebuilt under zero.Init (each module partitioned as it is
         constructed), then each rank reads its own flat range of every tensor from the files;
         the tensors no file holds (LoRA adapters) take rank 0's values from the meta build."""
@@ -181,7 +187,11 @@ class DeepSpeedEngine(Engine):
         for name, module in frozen.items():
             module.requires_grad_(False).eval()
             if self.teacher_sharding == "zero3" and name in SHARDED_FROZEN:
-                common.broadcast_from_rank0(module.to(self.device))
+                lazy = source_of(module)
+                if lazy is None:
+                    common.broadcast_from_rank0(module.to(self.device))
+                else:  # meta-built: partitioned as constructed, each rank reads only its ranges
+                    module = self._build_partitioned(module, lazy, None).requires_grad_(False).eval()
                 engine, *_ = deepspeed.initialize(model=module, config=self._config(None), dist_init_required=False)
                 engine.eval()
                 self.frozen_nets[name] = engine
@@ -195,6 +205,11 @@ class DeepSpeedEngine(Engine):
             return self.frozen_nets[name]
         raise KeyError(f"no network '{name}' in the engine; have {sorted(self.engines) + sorted(self.frozen_nets)}")
 
+    def raw(self, name: str) -> nn.Module:
+        """The module inside the DeepSpeed engine (rebuilt under zero.Init for a meta-built network)."""
+        net = self[name]
+        return net.module if isinstance(net, deepspeed.DeepSpeedEngine) else net
+
     def _engine(self, name: str) -> Any:
         if name not in self.engines:
             raise KeyError(f"'{name}' is not a trainable network of the engine; have {sorted(self.engines)}")
@@ -204,6 +219,7 @@ class DeepSpeedEngine(Engine):
     def backward(self, name: str, loss: Tensor) -> None:
         self._record_loss(name, loss)
         self._engine(name).backward(loss)
+
 
     def step(self, name: str) -> dict[str, float]:
         """The non-finite policy (engine/base.py) in two checks, as ZeRO-3 holds the gradient
@@ -223,6 +239,7 @@ class DeepSpeedEngine(Engine):
         if engine.optimizer.overflow:
             return self._skipped(name, norm)
         schedule.advance()
+        self._applied(name)  # the generator EMA follows applied updates only (spec 6 #20)
         return {"grad_norm": norm, "lr": lr}
 
     def zero_grad(self, name: str) -> None:
@@ -237,6 +254,11 @@ class DeepSpeedEngine(Engine):
     def ema_(self, target: str, source: str, decay: float) -> None:
         common.ema_update_(self._engine(target).module, self._engine(source).module, decay,
                            shards=_master_partitions, store=_store_master)
+
+    def _shadow(self, name: str, decay: float) -> Zero3Shadow:
+        """The generator EMA on this rank's fp32 master pieces (flashdmd.engine.shadow_zero3)."""
+        engine = self._engine(name)
+        return Zero3Shadow(name, engine.module, decay, engine.optimizer.fp16_groups)
 
     def all_reduce_mean(self, value: Tensor) -> Tensor:
         return common.all_reduce_mean(value, self.device)

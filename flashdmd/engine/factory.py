@@ -54,5 +54,6 @@ def build_engine(cfg: Config, device: torch.device | None = None) -> Engine:
             offload_params=e.offload_params,
             teacher_sharding=e.teacher_sharding,
             native_layout=e.deepspeed_layout,
+            micro_batch=max(cfg.data.shares(dist.get_world_size())),  # the largest share (spec 1.9)
         )
     raise ValueError(f"engine.kind must be local, fsdp or deepspeed, got {e.kind!r}")

@@ -43,6 +43,7 @@ from flashdmd.engine import common
 from flashdmd.engine.base import Engine, OptimSpec
 from flashdmd.engine.checkpoint_map import tensor_entry, write_map
 from flashdmd.engine.lr import StepSchedule
+from flashdmd.engine.shadow_dcp import DTensorShadow
 from flashdmd.engine.state_io import join_optimizer_state, load_json, save_json, split_optimizer_state
 from flashdmd.nets.lazy import fill_dtensor_shards, remember_memory_tensors, source_of
 
@@ -144,6 +145,9 @@ class FSDPEngine(Engine):
             return self.frozen_nets[name]
         raise KeyError(f"no network '{name}' in the engine; have {sorted(self.trainable) + sorted(self.frozen_nets)}")
 
+    def raw(self, name: str) -> nn.Module:
+        return self[name]  # fully_shard changes modules in place: the network itself
+
     # ---------------------------------------------------------------- training
     def backward(self, name: str, loss: Tensor) -> None:
         self._trainable(name)
@@ -162,6 +166,7 @@ class FSDPEngine(Engine):
         opt.step()
         schedule.advance()
         opt.zero_grad(set_to_none=True)
+        self._applied(name)  # the generator EMA follows applied updates only (spec 6 #20)
         return {"grad_norm": float(norm), "lr": lr}
 
     def zero_grad(self, name: str) -> None:
@@ -179,6 +184,10 @@ class FSDPEngine(Engine):
                 if isinstance(m, FSDPModule):
                     m.reshard()
         common.ema_update_(self._trainable(target), self._trainable(source), decay, shards=_local_shards)
+
+    def _shadow(self, name: str, decay: float) -> DTensorShadow:
+        """The generator EMA as DTensors sharded like the parameters (flashdmd.engine.shadow_dcp)."""
+        return DTensorShadow(name, self._trainable(name), decay, _local_shards)
 
     def all_reduce_mean(self, value: Tensor) -> Tensor:
         return common.all_reduce_mean(value, self.device)

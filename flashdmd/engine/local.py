@@ -10,6 +10,8 @@ discriminator's frozen backbone is left out, DESIGN.md "frozen networks are neve
 checkpointed"), ``<name>.optim.safetensors`` (optimizer tensors, keyed ``<param>.<state key>``),
 ``<name>.optim.json`` (the non-tensor optimizer state and the LR schedule's step counter),
 ``<name>.map.json`` (the map: layout ``full``, names, shapes, dtypes; flashdmd.engine.checkpoint_map).
+A kept generator EMA (``track_ema``, spec 6 #20) adds ``<name>_ema.safetensors`` and its map
+(flashdmd.engine.shadow.FullShadow).
 Nothing is pickled; every file is written atomically (``state_io.atomic_write``). Full replicas
 resume at any world size.
 """
@@ -28,6 +30,7 @@ from flashdmd.engine import common
 from flashdmd.engine.base import Engine, OptimSpec
 from flashdmd.engine.checkpoint_map import tensor_entry, write_map
 from flashdmd.engine.lr import StepSchedule
+from flashdmd.engine.shadow import FullShadow, Shadow
 from flashdmd.engine.state_io import load_json, save_json, save_tensors
 
 
@@ -90,6 +93,10 @@ class LocalEngine(Engine):
     def __contains__(self, name: str) -> bool:
         return name in self.wrapped
 
+    def raw(self, name: str) -> nn.Module:
+        self[name]  # the KeyError naming what there is
+        return self.modules[name]
+
     def _trainable(self, name: str) -> None:
         if name not in self.trainable:
             raise KeyError(f"{name!r} is not a trainable network of this engine (trainable: {sorted(self.trainable)})")
@@ -112,6 +119,7 @@ class LocalEngine(Engine):
         opt.step()
         self.schedules[name].advance()
         opt.zero_grad(set_to_none=True)
+        self._applied(name)  # the generator EMA follows applied updates only (spec 6 #20)
         return {"grad_norm": float(grad_norm), "lr": lr}
 
     def zero_grad(self, name: str) -> None:
@@ -134,6 +142,11 @@ class LocalEngine(Engine):
     def ema_(self, target: str, source: str, decay: float) -> None:
         """target <- decay * target + (1 - decay) * source over the full replicas (spec 1.7, Eq. 11)."""
         common.ema_update_(self.modules[target], self.modules[source], decay)
+
+    def _shadow(self, name: str, decay: float) -> Shadow:
+        """Whole fp32 tensors; under DDP every replica's moves alike and rank 0 writes it."""
+        self._trainable(name)
+        return FullShadow(name, self.modules[name], decay, self.kind, self.rank, self.world_size)
 
     def all_reduce_mean(self, value: Tensor) -> Tensor:
         return value

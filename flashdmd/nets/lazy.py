@@ -18,11 +18,18 @@ single-process load bit for bit. Parameters that no file holds are LoRA adapters
 get real storage and PEFT's own initialisation at build time (``meta_module``) and rank 0's
 values are copied into every shard (``remember_memory_tensors``); any other missing tensor is an
 error naming it.
+
+A source is anything with ``has(name)`` / ``read(name, rows)`` over module tensor names
+(``Weights``): a teacher folder (``SafetensorsWeights``), a stage-1 hand-over read through
+``flashdmd.engine.checkpoint_reader`` (``flashdmd.train.handoff``), several of them in order
+(``LayeredWeights``: a LoRA hand-over's adapters over the teacher's base weights) or one cast to
+another dtype (``CastWeights``: the stage-2 reference policy in the compute dtype).
 """
 from __future__ import annotations
 
 import json
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +41,27 @@ from torch import Tensor, nn
 _SOURCES: "weakref.WeakKeyDictionary[nn.Module, LazyNet]" = weakref.WeakKeyDictionary()
 
 
-class SafetensorsWeights:
+class Weights(ABC):
+    """Where a network's tensors come from, by module tensor name (parameters and persistent buffers)."""
+
+    @abstractmethod
+    def has(self, name: str) -> bool:
+        """Whether this source holds tensor ``name``."""
+
+    @abstractmethod
+    def read(self, name: str, rows: slice | None = None) -> Tensor:
+        """Tensor ``name`` (or only its ``rows`` along dim 0), in this source's dtype."""
+
+    def read_flat(self, name: str, shape: torch.Size, start: int, stop: int) -> Tensor:
+        """Elements ``start:stop`` of the flattened tensor, reading only the rows that hold them."""
+        if len(shape) < 2:
+            return self.read(name).reshape(-1)[start:stop]
+        row = shape.numel() // shape[0]
+        first, last = start // row, -(-stop // row)
+        return self.read(name, slice(first, last)).reshape(-1)[start - first * row:stop - first * row]
+
+
+class SafetensorsWeights(Weights):
     """The tensors of one diffusers/transformers component folder (single file or sharded index)."""
 
     def __init__(self, folder: Path, dtype: torch.dtype = torch.float32, prefix: str = "") -> None:
@@ -59,8 +86,15 @@ class SafetensorsWeights:
         key = key.replace(".base_layer.", ".")
         return key if key in self.where else None
 
-    def read(self, key: str, rows: slice | None = None) -> Tensor:
-        """Tensor ``key`` (or only its ``rows`` along dim 0), cast to the master dtype."""
+    def has(self, name: str) -> bool:
+        return self.key(name) is not None
+
+    def read(self, name: str, rows: slice | None = None) -> Tensor:
+        """Tensor ``name`` (or only its ``rows`` along dim 0), cast to the master dtype."""
+        key = self.key(name)
+        if key is None:
+            raise KeyError(f"the weights folder has no tensor for '{name}' (a model.teacher folder of another "
+                           f"architecture?)")
         with safe_open(str(self.where[key]), framework="pt") as f:
             if rows is None:
                 tensor = f.get_tensor(key)
@@ -68,13 +102,34 @@ class SafetensorsWeights:
                 tensor = f.get_slice(key)[rows]
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
-    def read_flat(self, key: str, shape: torch.Size, start: int, stop: int) -> Tensor:
-        """Elements ``start:stop`` of the flattened tensor, reading only the rows that hold them."""
-        if len(shape) < 2:
-            return self.read(key).reshape(-1)[start:stop]
-        row = shape.numel() // shape[0]
-        first, last = start // row, -(-stop // row)
-        return self.read(key, slice(first, last)).reshape(-1)[start - first * row:stop - first * row]
+
+class LayeredWeights(Weights):
+    """Several sources in order: each tensor comes from the first one that holds it."""
+
+    def __init__(self, *layers: Weights) -> None:
+        self.layers = layers
+
+    def has(self, name: str) -> bool:
+        return any(layer.has(name) for layer in self.layers)
+
+    def read(self, name: str, rows: slice | None = None) -> Tensor:
+        holder = next((layer for layer in self.layers if layer.has(name)), self.layers[-1])
+        return holder.read(name, rows)  # none holds it: the last (the teacher folder) says what is missing
+
+
+class CastWeights(Weights):
+    """A source with its floating tensors cast to ``dtype`` after reading (from the source's dtype,
+    so the values are those of a network loaded from ``base`` and then converted)."""
+
+    def __init__(self, base: Weights, dtype: torch.dtype) -> None:
+        self.base, self.dtype = base, dtype
+
+    def has(self, name: str) -> bool:
+        return self.base.has(name)
+
+    def read(self, name: str, rows: slice | None = None) -> Tensor:
+        tensor = self.base.read(name, rows)
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
 
 @dataclass
@@ -82,7 +137,7 @@ class LazyNet:
     """How to build one network and where its weights are."""
 
     build: Callable[[], nn.Module]
-    weights: SafetensorsWeights
+    weights: Weights
     memory: dict[str, Tensor] = field(default_factory=dict)  # tensors held in memory (set by the FSDP fill)
 
 
@@ -136,7 +191,7 @@ def materialize(net: LazyNet) -> nn.Module:
     keep = {n: t.detach().clone() for n, t in named_tensors(module) if not t.is_meta}
     module.to_empty(device="cpu")
     for name, tensor in named_tensors(module):
-        tensor.copy_(keep[name] if name in keep else _read(net, name, None))
+        tensor.copy_(_value(net, keep, name, None))
     _SOURCES.pop(module, None)
     return module
 
@@ -169,29 +224,27 @@ def fill_dtensor_shards(module: nn.Module, net: LazyNet) -> None:
             rows = slice(offset[0], offset[0] + shape[0]) if len(shape) else None
             if local.numel() == 0:
                 continue
-            value = net.memory[name][rows] if name in net.memory else _read(net, name, rows)
-            local.copy_(value.reshape(local.shape))
+            local.copy_(_value(net, net.memory, name, rows).reshape(local.shape))
         else:
-            tensor.copy_(net.memory[name] if name in net.memory else _read(net, name, None))
+            tensor.copy_(_value(net, net.memory, name, None))
     net.memory = {}
 
 
-def _read(net: LazyNet, name: str, rows: slice | None) -> Tensor:
-    key = net.weights.key(name)
-    if key is None:
-        raise KeyError(f"the weights folder has no tensor for '{name}' (a model.teacher folder of another "
-                       f"architecture?)")
-    return net.weights.read(key, rows)
+def _value(net: LazyNet, memory: dict[str, Tensor], name: str, rows: slice | None) -> Tensor:
+    """Tensor ``name`` from the files, else (a LoRA adapter no file holds) from ``memory``; a
+    hand-over's adapters are in its file and win over the fresh initialisation."""
+    if net.weights.has(name) or name not in memory:
+        return net.weights.read(name, rows)
+    return memory[name] if rows is None else memory[name][rows]
 
 
 @torch.no_grad()
-def fill_zero3_partitions(module: nn.Module, weights: SafetensorsWeights, rank: int) -> dict[str, nn.Parameter]:
+def fill_zero3_partitions(module: nn.Module, weights: Weights, rank: int) -> dict[str, nn.Parameter]:
     """ZeRO-3: copy this rank's flat range of every file-backed parameter into its partition;
     returns the parameters no file holds, by name (filled from ``LazyNet.memory`` under a gather)."""
     missing = {}
     for name, param in module.named_parameters():
-        key = weights.key(name)
-        if key is None:
+        if not weights.has(name):
             missing[name] = param
             continue
         part = param.ds_tensor
@@ -199,10 +252,9 @@ def fill_zero3_partitions(module: nn.Module, weights: SafetensorsWeights, rank: 
         start = rank * size
         stop = min(start + size, param.ds_numel)
         if stop > start:
-            part.narrow(0, 0, stop - start).copy_(weights.read_flat(key, param.ds_shape, start, stop))
+            part.narrow(0, 0, stop - start).copy_(weights.read_flat(name, param.ds_shape, start, stop))
     for name, buf in module.named_buffers():
-        key = weights.key(name)
-        if key is not None:
-            buf.copy_(weights.read(key))
+        if weights.has(name):
+            buf.copy_(weights.read(name))
     return missing
 

@@ -94,11 +94,14 @@ class PipelineParts:
 
 
 def load_pipeline_folder(folder: Path, family: Family, dtype: torch.dtype = torch.float32, use_t5: bool = False,
-                         vae_source: str = "", text_sources: list[str] | None = None) -> PipelineParts:
+                         vae_source: str = "", text_sources: list[str] | None = None,
+                         denoiser_weights: bool = True) -> PipelineParts:
     """Load denoiser, VAE, CLIP encoders (+ SD3's T5 when ``use_t5``) and tokenizers from ``folder``.
 
     ``vae_source`` / ``text_sources`` replace the folder's own VAE / text encoders (e.g. the
-    fp16-fix SDXL VAE); each is a folder holding that one component.
+    fp16-fix SDXL VAE); each is a folder holding that one component. Without
+    ``denoiser_weights`` the denoiser is built from its config on the meta device (no weights
+    read, default dtype): a template for networks that a sharded engine fills (``flashdmd.nets.lazy``).
     """
     import diffusers
     import transformers
@@ -114,6 +117,9 @@ def load_pipeline_folder(folder: Path, family: Family, dtype: torch.dtype = torc
     def component(sub: str, override: str = "") -> Any:
         library, cls_name = index[sub]
         cls = getattr(diffusers if library == "diffusers" else transformers, cls_name)
+        if sub == family.denoiser_folder and not denoiser_weights:
+            with torch.device("meta"):
+                return cls.from_config(cls.load_config(folder, subfolder=sub))
         if override:
             path = resolve_source(override, f"replacement {sub}", f"a {cls_name} folder")
             return cls.from_pretrained(path, torch_dtype=dtype)

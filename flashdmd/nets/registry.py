@@ -13,7 +13,9 @@ and for real families when ``model.reward_model`` is set.
 The two students are read from the teacher's safetensors in fp32 (not rounded through
 ``model.dtype``). With ``lazy`` (default: a sharded engine, fsdp or deepspeed) they are built on
 the meta device and the engine fills each rank's shard from the files (``flashdmd.nets.lazy``);
-otherwise they are read whole here. Both give the same bits.
+otherwise they are read whole here. Both give the same bits. A lazy build with
+``engine.teacher_sharding=zero3`` leaves the teacher on the meta device too (in ``model.dtype``,
+the values ``from_pretrained`` gives), so no rank reads more of it than its shard.
 
 Frozen helpers the engine may need to move to a device are listed in ``Parts.extras``
 (``text_encoder``); ``extras`` also carries the family facts (``family_spec``, VAE
@@ -84,6 +86,16 @@ def student_net(cfg: Config, teacher_model: nn.Module, family: Family, schedule:
     return LazyNet(build, SafetensorsWeights(folder / family.denoiser_folder, torch.float32, prefix="model."))
 
 
+def teacher_net(template: nn.Module, family: Family, schedule: Schedule, folder: Path, dtype: torch.dtype) -> LazyNet:
+    """The recipe of the frozen teacher in ``dtype``, for an engine that shards it."""
+
+    def build() -> nn.Module:
+        # cast through the wrapper: diffusers' own ``to`` warns about fp32 modules even where there are none
+        return freeze(_denoiser(family, type(template).from_config(template.config), schedule).to(dtype))
+
+    return LazyNet(build, SafetensorsWeights(folder / family.denoiser_folder, dtype, prefix="model."))
+
+
 def _discriminator(cfg: Config, family: Family, cache_dir: Path, dtype: torch.dtype) -> nn.Module:
     if family.tiny and not cfg.model.sam:
         folder, width = ensure_tiny_sam(cache_dir), 32
@@ -120,13 +132,18 @@ def build_parts(cfg: Config, cache_dir: Path, lazy: bool | None = None) -> Parts
     cache_dir = Path(cfg.model.cache_dir or cache_dir)
     dtype = DTYPES[cfg.model.dtype]
     folder = _teacher_folder(cfg, family, cache_dir)
-    raw = load_pipeline_folder(folder, family, dtype, cfg.model.use_t5, cfg.model.vae, cfg.model.text_encoders)
+    lazy = cfg.engine.kind in ("fsdp", "deepspeed") if lazy is None else lazy
+    lazy_teacher = lazy and cfg.engine.teacher_sharding == "zero3"
+    raw = load_pipeline_folder(folder, family, dtype, cfg.model.use_t5, cfg.model.vae, cfg.model.text_encoders,
+                               denoiser_weights=not lazy_teacher)
     schedule = family.schedule(_prediction(cfg, family, raw))
     if raw.vae.dtype == torch.float16 and raw.vae.config.force_upcast:
         raw.vae.to(torch.float32)  # the SD/SDXL VAEs overflow in fp16 (diffusers' force_upcast)
 
-    teacher = freeze(_denoiser(family, raw.denoiser, schedule))
-    lazy = cfg.engine.kind in ("fsdp", "deepspeed") if lazy is None else lazy
+    if lazy_teacher:
+        teacher = meta_module(teacher_net(raw.denoiser, family, schedule, folder, dtype))
+    else:
+        teacher = freeze(_denoiser(family, raw.denoiser, schedule))
     make = meta_module if lazy else materialize
     generator = make(student_net(cfg, raw.denoiser, family, schedule, folder))
     fake_score = make(student_net(cfg, raw.denoiser, family, schedule, folder))

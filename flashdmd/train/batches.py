@@ -11,6 +11,10 @@ Two sources behind one interface (``next_batch(step)``, ``state_dict()``):
 
 Null conditionings for CFG are encoded once per batch size, not per step (no repeated
 text encoding of fixed prompts).
+
+Each rank draws its own share of the global batch (``data.batch_size`` after the trainer set it
+from ``data.global_batch_size``, spec 1.9) and every batch carries all ranks' shares, so the
+stage-1 losses can weight an uneven split exactly (flashdmd/algo/shares.py).
 """
 from __future__ import annotations
 
@@ -28,22 +32,29 @@ from flashdmd.nets.interfaces import Conditioning
 from flashdmd.nets.parts import Parts
 
 
+def _shares(cfg: Config, world_size: int) -> tuple[int, ...]:
+    """Every rank's batch, or () when all are equal (no reweighting needed)."""
+    shares = cfg.data.shares(world_size)
+    return tuple(shares) if len(set(shares)) > 1 else ()
+
+
 def _to(cond: Conditioning, device: torch.device) -> Conditioning:
     return {k: v.to(device) for k, v in cond.items()}
 
 
 class GMMBatches:
-    def __init__(self, cfg: Config, parts: Parts, rank: int, device: torch.device) -> None:
+    def __init__(self, cfg: Config, parts: Parts, rank: int, world_size: int, device: torch.device) -> None:
         self.cfg, self.parts, self.rank, self.device = cfg, parts, rank, device
         self.gmm = parts.exact
+        self.n, self.shares = cfg.data.per_rank(world_size, rank), _shares(cfg, world_size)
 
     def next_batch(self, step: int) -> Batch:
-        n = self.cfg.data.batch_size
+        n = self.n
         gen = noise_generator(self.cfg.seed, step, self.rank, "cpu", "real-data")
         x, _ = self.gmm.sample(n, gen)
         with torch.no_grad():
             real = self.parts.decoder(x.to(self.device))
-        return Batch(cond={}, uncond={}, real=real, size=n)
+        return Batch(cond={}, uncond={}, real=real, size=n, shares=self.shares)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -56,13 +67,14 @@ class ImageBatches:
     def __init__(self, cfg: Config, parts: Parts, rank: int, world_size: int, device: torch.device,
                  state: dict[str, Any] | None) -> None:
         self.cfg, self.parts, self.device = cfg, parts, device
+        n, self.shares = cfg.data.per_rank(world_size, rank), _shares(cfg, world_size)
         state = state or {}
         images = DataPosition.from_state_dict(state["images"]) if "images" in state else None
-        self.images = build_image_loader(cfg, rank, world_size, images)
+        self.images = build_image_loader(cfg, rank, world_size, images, batch_size=n)
         self.prompts = None
         if cfg.data.prompts:
             prompts = DataPosition.from_state_dict(state["prompts"]) if "prompts" in state else None
-            self.prompts = build_prompt_loader(cfg, rank, world_size, prompts, path=cfg.data.prompts)
+            self.prompts = build_prompt_loader(cfg, rank, world_size, prompts, path=cfg.data.prompts, batch_size=n)
         self._image_it: Iterator[dict[str, Any]] | None = None
         self._prompt_it: Iterator[list[str]] | None = None
         self._uncond: dict[int, Conditioning] = {}
@@ -105,7 +117,7 @@ class ImageBatches:
                 real = self.parts.decoder(raw["latent"].to(self.device))
             else:
                 real = raw["image"].to(self.device)
-        return Batch(cond=cond, uncond=self._null(len(prompts)), real=real, size=len(prompts))
+        return Batch(cond=cond, uncond=self._null(len(prompts)), real=real, size=len(prompts), shares=self.shares)
 
     def state_dict(self) -> dict[str, Any]:
         state = {"images": self.images.position.state_dict()}
@@ -120,5 +132,5 @@ class ImageBatches:
 def build_batches(cfg: Config, parts: Parts, rank: int, world_size: int, device: torch.device,
                   state: dict[str, Any] | None = None) -> GMMBatches | ImageBatches:
     if parts.exact is not None:
-        return GMMBatches(cfg, parts, rank, device)
+        return GMMBatches(cfg, parts, rank, world_size, device)
     return ImageBatches(cfg, parts, rank, world_size, device, state)

@@ -5,6 +5,8 @@ Layout of ``<checkpoint_dir>/step-<8 digits>/``::
 
     <engine files>             every trainable network, optimizer and schedule (Engine.save;
                                frozen networks are never saved, the EMA target is the fake score)
+    <name>_ema files           the generator EMA when kept (Engine.save_shadows, spec 6 #20), in
+                               the layout of the engine's networks, read back at any world size
     <name>.map.json            per network: layout, names, shapes, dtypes, each rank's slice
                                (flashdmd.engine.checkpoint_map; read by flashdmd.engine.checkpoint_reader)
     trainer.json               trainer state from rank 0: step, MLflow run id, anything the loop adds
@@ -156,6 +158,7 @@ def save_checkpoint(
         path.mkdir(parents=True)
     _barrier()
     engine.save(path)
+    engine.save_shadows(path)  # the generator EMA, as network <name>_ema (spec 6 #20)
     faults.mid_save(step)  # test-only kill point (flashdmd/train/faults.py); a no-op otherwise
     tag = f"rank{engine.rank:05d}"
     save_tensors(path / f"{tag}.rng.safetensors", rng_state())
@@ -181,6 +184,7 @@ def load_checkpoint(engine: Engine, path: Path | str, restore_rng: bool = True) 
     trainer = load_json(path / "trainer.json")
     saved, step = int(trainer["world_size"]), int(trainer["step"])
     engine.load(path)
+    engine.load_shadows(path)
     if saved == engine.world_size:
         tag = f"rank{engine.rank:05d}"
         mine = load_json(path / f"{tag}.json")

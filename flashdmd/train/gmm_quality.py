@@ -3,8 +3,10 @@
 The toy's truth is known (DESIGN.md toy world 1), so its quality is measured, not estimated:
 sliced W2 to the true mixture, the mass of each mode, mean reward at t = 0 (flashdmd.eval.gmm).
 With i.i.d. samples the measurement noise is as large as the quantity of interest: two sets of
-2,000 true samples are 0.21 apart in SW2 and the 50-step teacher's own SW2 is about 0.09
-(bench/gmm_distill.py), because the number of points per mode alone varies by ~sqrt(n w).
+4,096 true samples of the preset's mixture are ~0.14 apart in SW2 while the 50-step teacher's
+own SW2 is ~0.10 (the MLP teacher; ~0.03 for the exact one, bench/results/gmm_distill*.md),
+because the number of points per mode alone varies by ~sqrt(n w). The benchmark measures the
+same way.
 Here both sides are low-discrepancy instead:
 
 - the truth set holds exactly round(n w_k) points of mode k, its Gaussian offsets the inverse

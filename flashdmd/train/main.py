@@ -32,7 +32,7 @@ import torch
 
 from flashdmd.algo.optim import optim_specs
 from flashdmd.algo.stage1 import Stage1
-from flashdmd.algo.stage2 import Stage2, reference_copy
+from flashdmd.algo.stage2 import Stage2
 from flashdmd.train.checkpoint import Resumed, latest_valid, load_checkpoint, save_checkpoint
 from flashdmd.config.cli import config_from_cli
 from flashdmd.data.position import resplit_streams
@@ -49,7 +49,7 @@ from flashdmd.train.batches import build_batches
 from flashdmd.train.compat import check_resume, checkpoint_identity
 from flashdmd.train.faults import Faults, activate
 from flashdmd.train.guard import ROLLBACK, StepGuard
-from flashdmd.train.handoff import Handoff, apply_handoff, read_handoff, write_handoff
+from flashdmd.train.handoff import Handoff, apply_handoff, read_handoff, reference_policy, write_handoff
 from flashdmd.train.health import HealthMonitor
 from flashdmd.train.monitor import build_monitor
 from flashdmd.train.progress import Progress
@@ -96,7 +96,8 @@ class Trainer:
     def __init__(self, cfg: Config, job: str, ctx: DistContext) -> None:
         self.cfg, self.job, self.ctx = cfg, job, ctx
         self.stage = 1 if job == "stage1" else 2
-        cfg.data.batch_size = cfg.data.per_rank(ctx.world_size)  # data.global_batch_size (spec 1.9) on any GPU count
+        # data.global_batch_size (spec 1.9) on any GPU count: this rank's share, uneven when W does not divide it
+        cfg.data.batch_size = cfg.data.per_rank(ctx.world_size, ctx.rank)
         self.updates: dict[str, int] = {}  # optimizer steps per trainable network (TTUR, RL:DM made visible)
         self.iterations = cfg.stage1.iterations if self.stage == 1 else cfg.stage2.iterations
 
@@ -104,13 +105,13 @@ class Trainer:
     def _build_parts(self) -> Parts:
         cache_dir = Path(self.cfg.model.cache_dir or Path(self.cfg.run_root) / "cache")
         # rank 0 first: tiny presets and the toy teacher are built once into the cache, then read.
-        # Stage 2 loads the hand-over into whole students, so only stage 1 builds them lazily.
-        lazy = None if self.stage == 1 else False
+        # Sharded engines get the students on the meta device in both stages; stage 2 points
+        # them at the hand-over (flashdmd.train.handoff) and each rank reads only its shard.
         if self.ctx.rank == 0:
-            parts = build_parts(self.cfg, cache_dir, lazy)
+            parts = build_parts(self.cfg, cache_dir)
         barrier()
         if self.ctx.rank != 0:
-            parts = build_parts(self.cfg, cache_dir, lazy)
+            parts = build_parts(self.cfg, cache_dir)
         return parts
 
     def _setup(self) -> None:
@@ -127,8 +128,13 @@ class Trainer:
             self.handoff = read_handoff(cfg.stage2.init_from)
             apply_handoff(self.handoff, self.parts.trainable(), cfg)
             # spec 2.4: the reference policy is the generator before RL, frozen, in the policy's dtype
-            frozen["reference"] = reference_copy(self.parts.generator, self.engine.compute_dtype)
+            frozen["reference"] = reference_policy(self.parts.generator, self.engine.compute_dtype,
+                                                   sharded=cfg.engine.teacher_sharding == "zero3")
         self.engine.setup(self.parts.trainable(), optim_specs(cfg, self.stage), frozen)
+        if cfg.stage1.generator_ema:  # spec 6 #20: for evaluation and export; stage 2 continues stage 1's
+            self.engine.track_ema("generator", cfg.stage1.generator_ema_decay)
+            if self.handoff is not None:
+                self.engine.load_shadows(self.handoff.folder)
         stage1 = Stage1(cfg.stage1, self.parts, self.engine, cfg.seed)
         self.algo = stage1 if self.stage == 1 else Stage2(cfg, self.parts, self.engine, cfg.seed, stage1)
         # non-finite steps, health monitors, and test-only faults (FLASHDMD_FAULTS)

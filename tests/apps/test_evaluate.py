@@ -25,7 +25,7 @@ from flashdmd.diffusion.rollout import randn
 from flashdmd.diffusion.sampler import sample_teacher
 from flashdmd.eval import build_metrics
 from flashdmd.apps.watch import main as watch_main
-from flashdmd.apps.evaluate import EVAL_OF_TAG, main, prompt_set, shard
+from flashdmd.apps.evaluate import EVAL_OF_TAG, EvalResult, main, prompt_set, shard
 from flashdmd.apps.sample import load_student
 
 # Inception FID where torch-fidelity is installed (it has no torchvision-free install from setup.cfg)
@@ -79,13 +79,20 @@ def mlflow_points(cfg: Config, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
-@pytest.mark.slow  # about 35 CPU-seconds: a generation pass and a second computation
-def test_eval_job_matches_a_direct_computation_and_logs_to_mlflow(eval_cfg, tmp_path):
+@pytest.fixture(scope="module")
+def one_rank(eval_cfg, tmp_path_factory) -> tuple[Config, EvalResult]:
+    """The eval job in this process, with the teacher's row: checked against a direct computation
+    below, and the reference of the two-rank run (the teacher's row leaves the student's numbers alone)."""
     cfg = copy.deepcopy(eval_cfg)
-    cfg.eval.out_dir = str(tmp_path / "one")
+    cfg.eval.out_dir = str(tmp_path_factory.mktemp("eval-one"))
     cfg.tracking.experiment = "eval-job-test"  # its own eval run: no points from the other tests
     cfg.eval.teacher_steps, cfg.eval.teacher_guidance = 2, 3.0
-    result = main(cfg, "eval")
+    return cfg, main(cfg, "eval")
+
+
+@pytest.mark.slow  # about 35 CPU-seconds: a generation pass and a second computation
+def test_eval_job_matches_a_direct_computation_and_logs_to_mlflow(one_rank):
+    cfg, result = one_rank
     assert set(result.metrics) == {"clip_score", "pickscore", "hpsv2", "image_reward", *FID, "fd_clip"}
     assert set(result.skipped) == {"mps"} and "MPS" in result.skipped["mps"]
 
@@ -108,14 +115,14 @@ def test_eval_job_matches_a_direct_computation_and_logs_to_mlflow(eval_cfg, tmp_
     assert teacher["metrics"]["clip_score"] == pytest.approx(clip["clip_score"].compute(), rel=1e-4)
     assert teacher["metrics"]["clip_score"] != pytest.approx(result.metrics["clip_score"])
 
-    out = tmp_path / "one" / "step-00000002"
+    out = Path(cfg.eval.out_dir) / "step-00000002"
     saved = json.loads((out / "results.json").read_text())
     assert saved["metrics"] == result.metrics and saved["num_images"] == 7 and saved["nfe"] == 4
     table = (out / "results.md").read_text().splitlines()
     assert table[0] == f"| Method | NFE | CLIP | ImgRwd | Pick | HPSv2 | MPS |{' FID |' if FID else ''} FD-CLIP |"
     assert table[2].startswith("| tiny-sdxl teacher (2 steps, CFG 3) | 4 | ")
     assert table[3].startswith("| Flash-DMD tiny-sdxl (step 2) | 4 | ") and "| - |" in table[3]
-    assert (tmp_path / "one" / "table.md").read_text().splitlines()[:4] == table[:4]
+    assert (Path(cfg.eval.out_dir) / "table.md").read_text().splitlines()[:4] == table[:4]
 
     # MLflow: eval/<metric> at the training step, in an eval run nested under the training run
     client = mlflow.MlflowClient(cfg.tracking_uri)
@@ -147,7 +154,7 @@ def eval_command(cfg: Config, out_dir: Path) -> list[str]:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_two_gloo_ranks_give_the_numbers_of_one(eval_cfg, tmp_path):
+def test_two_gloo_ranks_give_the_numbers_of_one(eval_cfg, one_rank, tmp_path):
     port = _free_port()
     procs = []
     for rank in range(2):
@@ -159,9 +166,7 @@ def test_two_gloo_ranks_give_the_numbers_of_one(eval_cfg, tmp_path):
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
     two = json.loads((tmp_path / "two" / "step-00000002" / "results.json").read_text())
 
-    one_cfg = copy.deepcopy(eval_cfg)
-    one_cfg.eval.out_dir = str(tmp_path / "one")
-    one = main(one_cfg, "eval")
+    _, one = one_rank
     assert two["num_images"] == 7
     for name, value in one.metrics.items():  # float32 model outputs vary slightly with the batch's size
         assert two["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name

@@ -234,16 +234,55 @@ def test_savers_flops_and_host_memory(cache: str) -> None:
 
 @pytest.mark.slow
 def test_real_presets_fit_one_and_four_nodes() -> None:
-    """Acceptance: the paper's global batch on 1 x 8 and 4 x 8 GPUs of 80 GiB, both stages."""
+    """Acceptance: the paper's global batch on 1 x 8 and 4 x 8 GPUs of 80 GiB, both stages; 48 over
+    32 GPUs splits 2/1 (spec 1.9) and is planned for the larger share."""
     archs: dict[str, object] = {}
-    for preset, nodes in [("sdxl-4step", 1), ("sdxl-4step", 4), ("sdxl-8step", 1), ("sd3-medium-4step", 1),
-                          ("sd3-medium-4step", 4)]:
+    for preset in ("sdxl-4step", "sdxl-8step", "sd3-medium-4step"):
         cfg = load_config(preset)
         arch = archs.setdefault(cfg.model.family, architecture(cfg))
-        for stage in (1, 2):
-            p = plan(cfg, nodes * 8, stage, 80.0, arch=arch, suggest=False)
-            assert p.fits, (preset, nodes, stage, p.gpu_bytes / GIB)
-            assert p.global_batch == cfg.data.global_batch_size and sum(p.flops.values()) > 0
-            assert p.host_node_bytes > 0
-    with pytest.raises(ConfigError, match="global_batch_size=48"):  # 48 does not split over 32 GPUs
-        plan(load_config("sdxl-8step"), 32, arch=archs["sdxl"])
+        for nodes in (1, 4):
+            for stage in (1, 2):
+                p = plan(cfg, nodes * 8, stage, 80.0, arch=arch, suggest=False)
+                assert p.fits, (preset, nodes, stage, p.gpu_bytes / GIB)
+                assert p.global_batch == sum(p.shares) == cfg.data.global_batch_size and sum(p.flops.values()) > 0
+                assert len(p.shares) == nodes * 8 and max(p.shares) - min(p.shares) <= 1
+                assert p.settings["batch/GPU"] == max(p.shares) and p.host_node_bytes > 0
+    uneven = plan(load_config("sdxl-8step"), 32, arch=archs["sdxl"], suggest=False, with_flops=False)
+    assert uneven.shares == [2] * 16 + [1] * 16
+    with pytest.raises(ConfigError, match="global_batch_size=48.*world size 64"):  # a GPU would get no sample
+        plan(load_config("sdxl-8step"), 64, arch=archs["sdxl"])
+
+
+def test_uneven_global_batch_is_planned_for_its_largest_share(cache: str) -> None:
+    """7 samples over 3 GPUs: shares 3, 2, 2; the memory is that of 3 per GPU, and the rendered
+    plan names the global batch and the split."""
+    from flashdmd.apps.plan import render
+
+    arch = architecture(_config("local", cache))
+    uneven = plan(load_config("tiny-sdxl", [f"model.cache_dir={cache}", "engine.kind=fsdp", "data.global_batch_size=7"]),
+                  3, arch=arch, with_flops=False)
+    three = plan(load_config("tiny-sdxl", [f"model.cache_dir={cache}", "engine.kind=fsdp", "data.batch_size=3"]),
+                 3, arch=arch, with_flops=False)
+    assert uneven.shares == [3, 2, 2] and uneven.global_batch == 7
+    assert uneven.gpu_bytes == three.gpu_bytes
+    assert "global batch 7: 3 per GPU on 1 GPUs, 2 on 2" in render(uneven)
+    assert "global batch 9: 3 per GPU x 3 GPUs" in render(three)
+
+
+@pytest.mark.parametrize("kind", ["local", "fsdp", "deepspeed"])
+def test_generator_ema_adds_one_fp32_copy_of_the_trainable_generator(kind: str, cache: str) -> None:
+    """stage1.generator_ema holds fp32 copies of the generator's trainable tensors, sharded like
+    its parameters (flashdmd/engine/shadow.py): the generator's fp32 gradient bytes on local and
+    FSDP2, a third of ZeRO-3's 12-byte optimizer partition; on the host when ZeRO-3 offloads."""
+    arch = architecture(_config("local", cache))
+    base = [f"model.cache_dir={cache}", f"engine.kind={kind}", "stage1.iterations=1000"]
+    off = plan(load_config("tiny-sdxl", base), 2, arch=arch, with_flops=False)
+    on = plan(load_config("tiny-sdxl", [*base, "stage1.generator_ema=true"]), 2, arch=arch, with_flops=False)
+    gen = off.row("generator")
+    ema = on.row("generator EMA").params
+    assert ema == (gen.optimizer // 3 if kind == "deepspeed" else gen.grads) > 0
+    assert on.gpu_bytes - off.gpu_bytes == ema
+    if kind != "local":
+        offload = plan(load_config("tiny-sdxl", [*base, "stage1.generator_ema=true", "engine.offload_optimizer=true"]),
+                       2, arch=arch, with_flops=False).row("generator EMA")
+        assert offload.params == 0 and offload.host == ema

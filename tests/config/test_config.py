@@ -150,6 +150,7 @@ RULE_CASES = [
     ("tiny-sdxl", ["stage1.dm_steps=[999,749]"], "must cover every student step"),
     ("tiny-sdxl", ["stage1.dm_steps=[]", "stage1.gan_steps=[999,749,499,249]"], "gives no student step the DM loss"),
     ("tiny-sdxl", ["stage1.dmd_noise_min=0.9", "stage1.dmd_noise_max=0.1"], "must be < stage1.dmd_noise_max"),
+    ("tiny-sdxl", ["stage1.generator_ema=true"], "of the initial weights in the generator EMA"),
     ("tiny-sdxl", ["stage2.distill=false", "stage2.rl_per_dm=0"], "RL only"),
     ("tiny-sdxl", ["engine.offload_optimizer=true"], "engine.offload_optimizer needs engine.kind deepspeed or fsdp"),
     ("tiny-sdxl", ["engine.offload_params=true"], "engine.offload_params needs engine.kind deepspeed or fsdp"),
@@ -169,6 +170,7 @@ RULE_CASES = [
     ("tiny-sdxl", ["stage2.rl_transitions=[[999,499]]"], "consecutive stage1.student_timesteps"),
     ("tiny-sdxl", ["stage2.rl_transitions=[]"], "stage2.rl_transitions must not be empty"),
     ("gmm2d", ["data.shards=x.tar"], "data.shards is not read by model.family=gmm2d"),
+    ("tiny-sdxl", ["stage1.mode=dmd2", "engine.kind=fsdp"], "must not be dmd2 with a sharded engine"),
 ]
 
 

@@ -167,7 +167,7 @@ def test_every_preset_is_accepted(preset: str):
 @pytest.mark.parametrize("overrides", [
     [],  # the 8-step preset itself
     ["stage1.dm_steps=[]", "stage1.gan_steps=[124]"],  # one list given: the other is its complement
-    ["stage1.mode=dmd2"],
+    ["stage1.mode=dmd2", "engine.kind=local", "engine.teacher_sharding=replicate"],  # dmd2: no sharded engine
 ])
 def test_eight_step_students(overrides: list[str]):
     cfg = load_config("sdxl-8step", overrides)

@@ -26,23 +26,28 @@ def shards(tmp_path_factory) -> str:
     return f"{folder}/toy-{{000000..000001}}.tar"
 
 
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """One run root for the families: their runs share its MLflow store (created once), nothing else."""
+    return tmp_path_factory.mktemp("pipeline-runs")
+
+
 def _metric_rows(run_dir: Path) -> list[dict[str, float]]:
     return [json.loads(line)["metrics"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_pipeline_runs_stage2_after_stage1(tmp_path, shards, family):
+def test_pipeline_runs_stage2_after_stage1(root, shards, family):
     import mlflow
 
-    root = tmp_path / "runs"
     cmd = [sys.executable, str(REPO_ROOT / "jobs" / "submit.py"), "pipeline", "--config", family, "--executor", "local",
-           "--name", "p", f"run_root={root}", f"data.shards={shards}", f"model.cache_dir={tmp_path / 'cache'}",
+           "--name", family, f"run_root={root}", f"data.shards={shards}", f"model.cache_dir={root / 'cache' / family}",
            "stage1.iterations=1", "stage2.iterations=1", "tracking.sample_every=0", "health.monitors=false",
            "checkpoint.every=100"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    stage1, stage2 = root / "p-stage1", root / "p-stage2"
+    stage1, stage2 = root / f"{family}-stage1", root / f"{family}-stage2"
 
     rows = _metric_rows(stage2)
     assert rows and all(r["rl_kept"] > 0 for r in rows), rows  # pairs kept at stage2.threshold's default
@@ -55,4 +60,4 @@ def test_pipeline_runs_stage2_after_stage1(tmp_path, shards, family):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     runs = {r.info.run_name: r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])}
-    assert runs["p-stage2"].data.tags.get("mlflow.parentRunId") == runs["p-stage1"].info.run_id
+    assert runs[f"{family}-stage2"].data.tags.get("mlflow.parentRunId") == runs[f"{family}-stage1"].info.run_id

@@ -153,7 +153,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, out: str) -> None:
+def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, out: str,
+            env: dict[str, str]) -> None:
+    os.environ.clear()  # the caller's environment at the call, not the fork server's from its start
+    os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
@@ -181,7 +184,12 @@ def run_ranks(world: int, fn: Callable[..., dict[str, Tensor]], *args: Any, tmp:
     from safetensors.torch import load_file
 
     out = str(tmp / f"result-{os.getpid()}-{free_port()}.safetensors")
-    mp.start_processes(_worker, args=(world, free_port(), fn, args, out), nprocs=world, join=True, start_method="spawn")
+    # Ranks fork from one server that imported torch and this module once per session: a spawned
+    # rank is a fresh interpreter that spends seconds importing torch again. The preload list is
+    # read when the server starts (the first call) and ignored afterwards.
+    mp.set_forkserver_preload(["engine_world"])
+    mp.start_processes(_worker, args=(world, free_port(), fn, args, out, dict(os.environ)), nprocs=world, join=True,
+                       start_method="forkserver")
     return load_file(out)
 
 
@@ -282,14 +290,14 @@ def _deepspeed_checks(engine: Engine, native_dir: Path) -> dict[str, Tensor]:
 PROMPTS = ["a red car", "a cat on a mat", "a bowl of fruit", "a blue house"]
 
 
-def stage1_config(kind: str, cache: str, preset: str = "tiny-sdxl") -> Any:
-    """tiny-sdxl without LoRA, or a preset as it is (tiny-sd3: LoRA, EMA on the adapters)."""
+def stage1_config(kind: str, cache: str, preset: str = "tiny-sdxl", overrides: tuple[str, ...] = ()) -> Any:
+    """tiny-sdxl without LoRA, or a preset as it is (tiny-sd3: LoRA, EMA on the adapters); then ``overrides``."""
     from flashdmd.config import load_config
 
     lora = ["model.lora.enabled=false"] if preset == "tiny-sdxl" else []
     sharded = ["engine.teacher_sharding=zero3"] if kind != "local" else []  # the local engine replicates it
     return load_config(preset, [f"engine.kind={kind}", *sharded, f"model.cache_dir={cache}",
-                                "stage1.fake_ema_decay=0.9", *lora])
+                                "stage1.fake_ema_decay=0.9", *lora, *overrides])
 
 
 def stage1_batch(parts: Any, step: int, rank: int, world: int) -> Any:
@@ -306,14 +314,14 @@ def stage1_batch(parts: Any, step: int, rank: int, world: int) -> Any:
 
 
 def stage1_run(kind: str, cache: str, n: int, save_at: int = 0, ckpt_dir: str = "", resume: bool = False,
-               preset: str = "tiny-sdxl") -> dict[str, Tensor]:
+               preset: str = "tiny-sdxl", overrides: tuple[str, ...] = ()) -> dict[str, Tensor]:
     """Stage-1 iterations of the real algorithm on tiny-sdxl under ``kind`` (ddp = LocalEngine over DDP)."""
     from flashdmd.algo.stage1 import Stage1
     from flashdmd.train.checkpoint import latest_valid, load_checkpoint, save_checkpoint
     from flashdmd.engine.factory import build_engine, optim_specs
     from flashdmd.nets.registry import build_parts
 
-    cfg = stage1_config("local" if kind == "ddp" else kind, cache, preset)
+    cfg = stage1_config("local" if kind == "ddp" else kind, cache, preset, tuple(overrides))
     torch.manual_seed(0)  # identical discriminator heads on every rank
     parts = build_parts(cfg, Path(cache))
     engine = build_engine(cfg)

@@ -37,10 +37,10 @@ class MlflowServer:
             "--artifacts-destination", str(self.root / "artifacts"),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
+        # no job runner (a second process importing MLflow at every start): the tests submit no MLflow jobs
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         with open(self.root / "server.log", "ab") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ)
-            )
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -50,7 +50,7 @@ class MlflowServer:
                     if reply.status == 200:
                         return self
             except OSError:
-                time.sleep(0.5)
+                time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"mlflow server did not answer within {timeout_s} s; see {self.root / 'server.log'}")
 
