@@ -52,6 +52,7 @@ from flashdmd.data.prompts import load_prompts
 from flashdmd.diffusion.rollout import predict_x0, randn, timesteps_tensor
 from flashdmd.diffusion.sampler import sample_teacher
 from flashdmd.engine.checkpoint_reader import CheckpointReader
+from flashdmd.engine.shadow import shadow_name
 from flashdmd.engine.state_io import load_json
 from flashdmd.nets.parts import Parts
 from flashdmd.nets.registry import build_parts
@@ -89,7 +90,7 @@ def _from_checkpoint(folder: Path) -> StudentSource:
 
 
 WEIGHTS = ("ema", "raw")
-EMA_NETWORK = "generator_ema"  # flashdmd.engine.shadow.shadow_name("generator")
+EMA_NETWORK = shadow_name("generator")
 
 
 def choose_weights(source: StudentSource, weights: str = "") -> StudentSource:

@@ -36,14 +36,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from flashdmd.engine import common
 from flashdmd.engine.base import Engine, OptimSpec
 from flashdmd.engine.checkpoint_map import tensor_entry, write_map
 from flashdmd.engine.lr import StepSchedule
-from flashdmd.engine.shadow_dcp import DTensorShadow
+from flashdmd.engine.shadow_dcp import DTensorShadow, reshard_all
 from flashdmd.engine.state_io import join_optimizer_state, load_json, save_json, split_optimizer_state
 from flashdmd.nets.lazy import fill_dtensor_shards, remember_memory_tensors, source_of
 
@@ -179,10 +179,8 @@ class FSDPEngine(Engine):
 
     @torch.no_grad()
     def ema_(self, target: str, source: str, decay: float) -> None:
-        for module in (self._trainable(target), self._trainable(source)):
-            for m in module.modules():
-                if isinstance(m, FSDPModule):
-                    m.reshard()
+        reshard_all(self._trainable(target))
+        reshard_all(self._trainable(source))
         common.ema_update_(self._trainable(target), self._trainable(source), decay, shards=_local_shards)
 
     def _shadow(self, name: str, decay: float) -> DTensorShadow:

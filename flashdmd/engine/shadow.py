@@ -86,9 +86,10 @@ class Shadow(ABC):
             return
         self.load_full_(lambda k: reader.tensor(self.name, k), reader.keys(self.name), str(folder))
 
-    @abstractmethod
     def _piece(self, param: Tensor) -> Tensor:
-        """A new fp32 copy of this rank's piece of ``param``, in the layout the shadow keeps."""
+        """A new fp32 copy of this rank's piece of ``param``, in the layout the shadow keeps (the
+        parameter itself is that piece for whole tensors and FSDP2's DTensors)."""
+        return param.detach().to(torch.float32, copy=True)
 
     @abstractmethod
     def _set_piece(self, key: str, full: Tensor) -> None:
@@ -114,9 +115,6 @@ class FullShadow(Shadow):
     def __init__(self, network: str, module: nn.Module, decay: float, engine: str, rank: int, world_size: int) -> None:
         self.engine, self.rank, self.world_size = engine, rank, world_size
         super().__init__(network, module, decay, _whole)
-
-    def _piece(self, param: Tensor) -> Tensor:
-        return param.detach().to(torch.float32, copy=True)
 
     def _set_piece(self, key: str, full: Tensor) -> None:
         piece = self.tensors[key]

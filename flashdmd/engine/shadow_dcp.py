@@ -23,6 +23,14 @@ from flashdmd.engine.checkpoint_map import tensor_entry, write_map
 from flashdmd.engine.shadow import Shadow, check_shape
 
 
+def reshard_all(module: nn.Module) -> None:
+    """Reshard every FSDP2 unit of ``module``: a no-grad forward may have left blocks gathered, and
+    an EMA must read and write the shards, not the gathered tensors."""
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 class DTensorShadow(Shadow):
     """fp32 DTensors with the parameters' mesh and placements (``shards``: the engine's view,
     which refuses two tensors sharded differently)."""
@@ -30,9 +38,6 @@ class DTensorShadow(Shadow):
     def __init__(self, network: str, module: nn.Module, decay: float, shards: common.ShardView) -> None:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         super().__init__(network, module, decay, shards)
-
-    def _piece(self, param: Tensor) -> Tensor:
-        return param.detach().to(torch.float32, copy=True)
 
     def _set_piece(self, key: str, full: Tensor) -> None:
         piece = self.tensors[key]
@@ -47,9 +52,7 @@ class DTensorShadow(Shadow):
 
     @torch.no_grad()
     def update_(self) -> None:
-        for m in self.module.modules():  # a no-grad forward may have left blocks gathered
-            if isinstance(m, FSDPModule):
-                m.reshard()
+        reshard_all(self.module)
         super().update_()
 
     def save(self, step_dir: Path) -> None:
