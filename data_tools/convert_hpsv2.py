@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_tools.safe_checkpoint import UnsafeCheckpoint, load_state_dict  # noqa: E402
+from data_tools.safe_checkpoint import load_state_dict, run_converter  # noqa: E402
 
 BLOCK = {
     "ln_1": "layer_norm1",
@@ -152,13 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vision-heads", type=int, default=0, help="image-tower heads (default: width // 80)")
     parser.add_argument("--text-heads", type=int, default=0, help="text-tower heads (default: width // 64)")
     args = parser.parse_args(argv)
-    try:
-        out = convert(args.checkpoint, args.out, args.tokenizer, args.vision_heads, args.text_heads)
-    except (UnsafeCheckpoint, KeyError, FileNotFoundError) as err:
-        print(f"convert_hpsv2: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}: set eval.weights.hpsv2={out}")
-    return 0
+    return run_converter("convert_hpsv2", "hpsv2",
+                         lambda: convert(args.checkpoint, args.out, args.tokenizer, args.vision_heads, args.text_heads))
 
 
 if __name__ == "__main__":

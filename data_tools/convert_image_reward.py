@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_tools.safe_checkpoint import UnsafeCheckpoint, load_state_dict  # noqa: E402
+from data_tools.safe_checkpoint import load_state_dict, run_converter  # noqa: E402
 
 VIT = "blip.visual_encoder."
 # BLIP's ViT names -> transformers' BlipVisionModel names (inside vision_model.)
@@ -136,13 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default="bert-base-uncased", help="BERT tokenizer folder or hub id")
     parser.add_argument("--vision-heads", type=int, default=0, help="ViT attention heads (default: width // 64)")
     args = parser.parse_args(argv)
-    try:
-        out = convert(args.checkpoint, args.med_config, args.out, args.tokenizer, args.vision_heads)
-    except (UnsafeCheckpoint, KeyError, FileNotFoundError) as err:
-        print(f"convert_image_reward: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}: set eval.weights.image_reward={out}")
-    return 0
+    return run_converter("convert_image_reward", "image_reward",
+                         lambda: convert(args.checkpoint, args.med_config, args.out, args.tokenizer, args.vision_heads))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_tools.safe_checkpoint import Inert, UnsafeCheckpoint, load_inert, module_tensors
+from data_tools.safe_checkpoint import Inert, load_inert, module_tensors, run_converter
 
 PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 # Kwai's fusion names (inside cross_model.layers.N.) -> MPSFusion's (inside layers.N.)
@@ -156,13 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "--processor", default=PROCESSOR, help="folder or hub id of the CLIP tokenizer + image processor"
     )
     args = parser.parse_args(argv)
-    try:
-        out = convert(args.checkpoint, args.out, args.processor)
-    except (UnsafeCheckpoint, KeyError, FileNotFoundError) as err:
-        print(f"convert_mps: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}: set eval.weights.mps={out}")
-    return 0
+    return run_converter("convert_mps", "mps", lambda: convert(args.checkpoint, args.out, args.processor))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,11 @@ into a flat state dict.
 from __future__ import annotations
 
 import pickle
+import sys
 import pickletools
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -219,3 +221,15 @@ def module_tensors(module: Any, prefix: str = "") -> dict[str, torch.Tensor]:
         if child is not None:
             out |= module_tensors(child, f"{prefix}{name}.")
     return out
+
+
+def run_converter(tool: str, eval_key: str, convert: Callable[[], Path]) -> int:
+    """The converters' command-line ending: run ``convert``; a refused or unfit release is one
+    line on stderr and exit code 1, a written folder says which ``eval.weights`` key takes it."""
+    try:
+        out = convert()
+    except (UnsafeCheckpoint, KeyError, FileNotFoundError) as err:
+        print(f"{tool}: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}: set eval.weights.{eval_key}={out}")
+    return 0
