@@ -21,10 +21,9 @@ points where i.i.d. sets sit ~0.15 apart): sliced W2, modes covered, mean reward
 the rewarded mode. "Updates to threshold" counts generator updates until SW2 first drops below
 2 / 1.5 times the teacher's on the same points.
 The teacher is explicit (``--teacher``, default the preset's ``mlp``) and recorded in the JSON's
-"config" and in the table's header: bench/results/gmm_distill.md is the exact teacher,
-gmm_distill_mlp.md the MLP teacher.
+"config" and in the table's header; bench/results/gmm_distill.md is the preset (mlp) teacher.
 Usage: ``python bench/gmm_distill.py [--quick] [--teacher mlp|exact] [--seeds 0 1 2] [--geometries ring8 ...]
-[--ablations NAME ...] [--no-stage2] [key=value overrides]``.
+[--runs NAME ...] [--ablations NAME ...] [--no-stage2] [key=value overrides]``.
 """
 from __future__ import annotations
 
@@ -205,7 +204,7 @@ def run_geometry(name: str, base: list[str], args: argparse.Namespace, ablations
     thresholds = {str(f): f * teacher["curve"]["sw2"] for f in THRESHOLD_FACTORS}
     out: dict = {"overrides": base, "sw2_floor": floor, "teacher_50_step": teacher, "undistilled_4_step": undistilled,
                  "sw2_thresholds": thresholds, "stage1": {}, "stage2": {}}
-    runs = {**STAGE1_RUNS, **{a: ABLATIONS[a] for a in ablations}}
+    runs = {**{r: STAGE1_RUNS[r] for r in args.runs}, **{a: ABLATIONS[a] for a in ablations}}
     flash_parts = {}
     for run, extra in runs.items():
         per_seed = []
@@ -246,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--geometries", nargs="+", default=list(GEOMETRIES), choices=list(GEOMETRIES))
     ap.add_argument("--teacher", default="mlp", choices=["mlp", "exact"], help="model.gmm.teacher of every run")
+    ap.add_argument("--runs", nargs="*", default=list(STAGE1_RUNS), choices=list(STAGE1_RUNS),
+                    help="stage-1 runs on every geometry (stage 2 needs flash)")
     ap.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS),
                     help="ablations on the first geometry (none: --ablations with no names)")
     ap.add_argument("--stage2", action=argparse.BooleanOptionalAction, default=True,
@@ -257,6 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--quick", action="store_true", help="a few iterations only (smoke test)")
     args = ap.parse_args(argv)
+    if args.stage2 and "flash" not in args.runs:
+        ap.error("stage 2 starts from the flash run: add flash to --runs or pass --no-stage2")
     torch.set_num_threads(1)  # tiny MLPs: more threads only contend (20x slower on a loaded 2-core box)
     quick = ["stage1.iterations=10", "stage2.iterations=6"] if args.quick else []
     started = time.time()

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # only light modules before parsing: --help must answer without torch (preflight imports it)
 from flashdmd.config import DEFAULT_PRESET, PRESET_DIR, Config, ConfigError, default_run_name, load_config  # noqa: E402
-from jobs.cluster import ClusterError  # noqa: E402
-from jobs.plan import JOBS, PIPELINE, build_plan, render  # noqa: E402
+from jobs.cluster import ClusterError, check_request, require_sbatch  # noqa: E402
+from jobs.plan import JOBS, PIPELINE, JobPlan, build_plan, render  # noqa: E402
 
 # command-line option -> config key; options win over positional overrides
 OPTION_KEYS = {
@@ -131,6 +131,15 @@ def resolve_all(args: argparse.Namespace) -> list[tuple[str, Config]]:
     return [("stage1", stage1), ("stage2", stage2)]
 
 
+def check_cluster(plans: list[JobPlan]) -> None:
+    """Requests the cluster cannot serve (no sbatch, unknown partition, too many nodes) fail here,
+    before the preflight's imports (seconds); the launcher checks again when it submits."""
+    for plan in plans:
+        if plan.executor == "slurm":
+            require_sbatch()
+            check_request(plan.executor_params.get("partition", ""), plan.executor_params["nodes"])
+
+
 def run(args: argparse.Namespace, configs: list[tuple[str, Config]]) -> int:
     from jobs import launcher  # submitit and torch load only when something is submitted
 
@@ -162,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             if len(rendered) > 1:
                 rendered[1] += "\ndependency:     afterok on the stage-1 job (stage2.init_from = its run directory)"
             print("\n\n".join(rendered), flush=True)
+        else:
+            check_cluster(plans)
         from flashdmd.apps.preflight import preflight_all  # imports torch: after parsing
 
         if not args.dry_run:
@@ -171,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         preflight_all(configs)  # missing inputs fail here, in a dry run too, before anything is queued
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except ClusterError as err:
+        print(f"cannot submit: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
         return 0

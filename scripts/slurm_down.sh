@@ -22,25 +22,34 @@ if [ "${1:-}" != --daemons-only ] && [ -f "$CONF" ] && [ -f "$DIR/slurmctld.pid"
   done
 fi
 
-stop_pidfile() {
-  local file=$1 check=$2 pid
-  [ -f "$file" ] || return 0
-  pid=$(cat "$file" 2>/dev/null)
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && { [ "$check" = any ] || ours "$pid"; }; then
-    kill "$pid"
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
-  fi
-  rm -f "$file"
+# TERM to every daemon named by the pid files at once, then wait (a daemon takes a second or two
+# to shut down; one after the other that adds up), KILL what is left after 5 s
+stop_pidfiles() {
+  local check=$1 file pid pids=() left _
+  shift
+  for file in "$@"; do
+    [ -f "$file" ] || continue
+    pid=$(cat "$file" 2>/dev/null)
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && { [ "$check" = any ] || ours "$pid"; }; then
+      kill "$pid" && pids+=("$pid")
+    fi
+  done
+  for _ in $(seq 50); do
+    left=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && left=1; done
+    [ "$left" = 0 ] && break
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && kill -9 "$pid"; done
+  rm -f "$@"
 }
 
-for pidfile in "$DIR"/slurmd-*.pid; do stop_pidfile "$pidfile" ours; done
-stop_pidfile "$DIR/slurmctld.pid" ours
+stop_pidfiles ours "$DIR"/slurmd-*.pid "$DIR/slurmctld.pid"
 
 # earlier versions of slurm_up.sh linked /etc/slurm/slurm.conf to this folder's conf: remove only that link
 [ -L /etc/slurm/slurm.conf ] && [ "$(readlink /etc/slurm/slurm.conf)" = "$CONF" ] && rm -f /etc/slurm/slurm.conf
 
 if [ "${1:-}" = --all ] && [ -f /run/munge/munged.pid ]; then
-  stop_pidfile /run/munge/munged.pid any
+  stop_pidfiles any /run/munge/munged.pid
 fi
 exit 0

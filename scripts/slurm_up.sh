@@ -102,8 +102,9 @@ mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
   echo "SlurmdUser=root"
   echo "AuthType=auth/munge"
   echo "CredType=cred/munge"
-  # a requeued job waits cred_expire before it may start again (default 120 s)
-  echo "AuthInfo=cred_expire=10"
+  # a requeued job waits cred_expire before it may start again (default 120 s; 5 is Slurm's minimum,
+  # ample for a step launch on one host)
+  echo "AuthInfo=cred_expire=5"
   echo "KillWait=5"
   echo "MinJobAge=300"
   echo "StateSaveLocation=$DIR/state"
@@ -118,7 +119,8 @@ mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
   echo "MpiDefault=none"
   echo "LaunchParameters=use_interactive_step"
   echo "SchedulerType=sched/backfill"
-  echo "SchedulerParameters=sched_interval=2,bf_interval=2"
+  # a pending job (a requeued one past its begin time, a dependent one) starts within a second
+  echo "SchedulerParameters=sched_interval=1,bf_interval=1"
   echo "SelectType=select/cons_tres"
   echo "SelectTypeParameters=CR_Core"
   echo "JobAcctGatherType=jobacct_gather/none"

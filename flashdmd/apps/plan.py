@@ -422,9 +422,10 @@ LAYOUTS: dict[str, list[str]] = {
 }
 
 
-def matrix(cfg: Config, world_size: int, stage: int = 1, gpu_mem_gib: float = 80.0, reserve_gib: float = 2.0) -> str:
+def matrix(cfg: Config, world_size: int, stage: int = 1, gpu_mem_gib: float = 80.0, reserve_gib: float = 2.0,
+           arch: Architecture | None = None) -> str:
     """Per-GPU GiB of every engine layout, with and without gradient checkpointing."""
-    arch = architecture(cfg)
+    arch = arch or architecture(cfg)
     lines = [(f"{cfg.model.family}, {world_size} GPU(s), batch {per_gpu_batch(cfg, world_size)}/GPU at "
               f"{cfg.data.resolution} px, {gpu_mem_gib:.0f} GiB GPUs ({reserve_gib:.1f} GiB reserve)"),
              f"{'layout':<42}{'no checkpointing':>18}{'checkpointing':>16}{'host GiB':>10}"]
@@ -456,11 +457,12 @@ def cli(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         nodes = args.nodes or cfg.launch.nodes
         gpus = args.gpus_per_node or cfg.launch.gpus_per_node
-        result = plan(cfg, nodes * gpus, args.stage, args.gpu_mem, args.reserve, gpus_per_node=gpus)
+        arch = architecture(cfg)  # built and probed once for the plan and the matrix (seconds on a real family)
+        result = plan(cfg, nodes * gpus, args.stage, args.gpu_mem, args.reserve, arch, gpus_per_node=gpus)
         print(render(result))
         if args.matrix:
             print()
-            print(matrix(cfg, nodes * gpus, args.stage, args.gpu_mem, args.reserve))
+            print(matrix(cfg, nodes * gpus, args.stage, args.gpu_mem, args.reserve, arch))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

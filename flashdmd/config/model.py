@@ -48,9 +48,9 @@ class GMMConfig:
     weights: list[float] = setting([], item=Bound(ge=0))  # empty -> uniform
     std: float = setting(0.3, gt=0, le=1e6)
     reward_mode: int = setting(0, ge=0)  # stage-2 toy reward: closeness to this mode
-    # mlp: an MLP pretrained on samples (cached; does not resolve modes much sharper than the spread);
-    # exact: the mixture's closed-form denoiser, the true score for any mixture, but students built as
-    # exact + MLP correction do not distil on this toy (bench/results/gmm_distill.md)
+    # mlp: an MLP pretrained on samples (cached; its capacity follows the modes' width, flashdmd/nets/gmm2d.py);
+    # exact: the mixture's closed-form denoiser, the true score for any mixture, but its students
+    # (exact + MLP correction) do not distil on this toy (flashdmd/nets/gmm2d.py)
     teacher: Literal["mlp", "exact"] = "mlp"
     teacher_steps: int = setting(3000, ge=1, le=10**7)  # pretraining iterations of the mlp teacher
     hidden: int = setting(256, ge=1, le=65536)  # width of the mlp teacher / of the students' MLP correction

@@ -13,8 +13,9 @@ Two metrics share the formula and the reference handling:
 ``frechet_distance`` is the FID formula (Heusel et al. 2017),
 ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))``, with the trace of the root taken as the
 sum of the square roots of the eigenvalues of ``S1 S2`` (torchmetrics' form; the eigenvalues are
-real and non-negative since ``S1 S2`` is similar to a PSD matrix), which stays finite when the
-covariances are singular (fewer images than feature dimensions).
+real and non-negative since ``S1 S2`` is similar to a PSD matrix, and are computed as those of the
+symmetric ``S1^(1/2) S2 S1^(1/2)``), which stays finite when the covariances are singular (fewer
+images than feature dimensions).
 
 The reference set (``eval.reference_images``) is a folder of images, a text file listing image paths
 (one a line, relative to the file's folder; ``data_tools/make_coco10k.py`` writes one), or an
@@ -52,8 +53,14 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         raise ValueError(
             f"feature statistics differ in shape: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}"
         )
-    eigenvalues = np.linalg.eigvals(sigma1 @ sigma2)
-    trace_root = np.sqrt(np.clip(eigenvalues.real, 0, None)).sum()
+    # the eigenvalues of S1 S2 are those of the symmetric R S2 R with R = S1^(1/2) (AB and BA share
+    # their non-zero eigenvalues; R R = S1, also when S1 is singular): two symmetric eigen-solves
+    # instead of a general one, several times faster at 2048 dimensions
+    values, vectors = np.linalg.eigh(sigma1)
+    root = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    inner = root @ sigma2 @ root
+    eigenvalues = np.linalg.eigvalsh((inner + inner.T) / 2)
+    trace_root = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
 

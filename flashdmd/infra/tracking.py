@@ -31,6 +31,7 @@ exponential backoff by default: minutes per call) unless the user set them; it r
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import math
@@ -201,10 +202,44 @@ class NullTracker:
         pass
 
 
+def start_writer(uri: str) -> subprocess.Popen[str]:
+    """A writer process for the store ``uri``, started ahead of its run: it imports MLflow and opens
+    the store (a new SQLite file's tables) while the trainer builds its networks; ``Tracker`` sends it
+    the run's setup. ``discard_writer`` ends one that never got a run."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    if uri.startswith(("http://", "https://")):
+        env.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        env.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    # own session: a Ctrl-C meant for training leaves the writer free to flush after stdin closes
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flashdmd.infra.tracking_writer"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, start_new_session=True,
+    )  # fmt: skip
+    proc.stdin.write(json.dumps({"open": uri}) + "\n")
+    proc.stdin.flush()
+    return proc
+
+
+def discard_writer(writer: subprocess.Popen[str] | None) -> None:
+    """End a writer from ``start_writer`` that no ``Tracker`` took (the set-up failed): stdin closed
+    before a setup, it exits without creating a run."""
+    if writer is None or writer.stdin.closed:
+        return
+    with contextlib.suppress(OSError):
+        writer.stdin.close()
+    try:
+        writer.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        writer.kill()
+        writer.wait()
+
+
 class Tracker(NullTracker):
     """Rank 0's MLflow logger: JSONL now, MLflow from the writer process (see the module docstring)."""
 
-    def __init__(self, setup: dict[str, Any], run_dir: Path, continuing: bool) -> None:
+    def __init__(self, setup: dict[str, Any], run_dir: Path, continuing: bool,
+                 writer: subprocess.Popen[str] | None = None) -> None:
         run_dir = run_dir.resolve()  # paths sent to the writer must not depend on its working directory
         self._run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -228,16 +263,7 @@ class Tracker(NullTracker):
         self._closed = False
         self._captioned: set[str] = set()
 
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        if self._uri.startswith(("http://", "https://")):
-            env.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            env.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        # own session: a Ctrl-C meant for training leaves the writer free to flush after stdin closes
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "flashdmd.infra.tracking_writer"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, start_new_session=True,
-        )  # fmt: skip
+        self._proc = writer or start_writer(self._uri)
         self._reader = threading.Thread(target=self._read_replies, name="flashdmd-mlflow-replies", daemon=True)
         self._reader.start()
         self._send(setup)
@@ -395,6 +421,7 @@ def open_tracker(
     connect_timeout_s: float = 60.0,
     flush_interval_s: float = 1.0,
     system_metrics_s: float = 10.0,
+    writer: subprocess.Popen[str] | None = None,
 ) -> Tracker | NullTracker:
     """The run's tracker: a ``Tracker`` on rank 0, a ``NullTracker`` on every other rank.
 
@@ -402,11 +429,12 @@ def open_tracker(
     ``parent_run_id`` links a stage-2 run to its stage-1 run (MLflow's parent tag, so the UI nests
     it; ``parent_name`` names it in the tags and description).  ``stage`` defaults to "stage2" when
     ``cfg.stage2.init_from`` is set, else "stage1".  ``system_metrics_s``: the sampling interval of
-    MLflow's system-metrics monitor (0: off).
+    MLflow's system-metrics monitor (0: off).  ``writer``: one from ``start_writer`` (else one starts now).
     Waits at most ``connect_timeout_s`` for the run to exist; if the store does not answer,
     training goes on and the run is created when it does.
     """
     if rank != 0:
+        discard_writer(writer)
         return NullTracker()
     uri = cfg.tracking_uri
     location = None
@@ -428,6 +456,6 @@ def open_tracker(
         "flush_interval_s": flush_interval_s,
         "system_metrics_s": system_metrics_s,
     }
-    tracker = Tracker(setup, cfg.run_dir, continuing=run_id is not None)
+    tracker = Tracker(setup, cfg.run_dir, continuing=run_id is not None, writer=writer)
     tracker.wait_ready(connect_timeout_s)
     return tracker

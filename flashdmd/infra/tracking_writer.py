@@ -3,15 +3,18 @@
 ``flashdmd.infra.tracking.Tracker`` (in the training process) starts ``python -m flashdmd.infra.tracking_writer``
 and talks to it with JSON lines: a setup message, then operations (artifacts, tags, flush, close)
 on stdin; the run id and acknowledgements come back on stdout.  Metrics do not cross the pipe: the
-writer tails ``<run_dir>/metrics.jsonl``, which the training process appends to.
+writer tails ``<run_dir>/metrics.jsonl``, which the training process appends to.  The trainer
+starts its writer before it builds the networks (``tracking.start_writer``): the writer's imports
+and the opening of the store (``{"open": uri}``, ahead of the setup) overlap the trainer's set-up.
 
 Why a process and not a thread: MLflow's SQLite store spends ~40 us of Python per metric point in
 SQLAlchemy; in a thread of the training process that work holds the GIL and measurably slowed a
 20 ms training step (bench/tracking_overhead.py).  In its own process it costs the trainer nothing
 but one JSONL line per step.
 
-Failure model: every operation is retried in order with exponential backoff (up to 30 s); the first
-failure of an outage is reported once on stderr.  Metrics sent before a failure may or may not
+Failure model: every operation is retried in order with exponential backoff (up to 30 s while the
+trainer runs, at most 1 s apart once it has closed: ``retry_wait``); the first failure of an outage
+is reported once on stderr.  Metrics sent before a failure may or may not
 have landed, so after any failure (and when continuing a run) the writer re-syncs from the JSONL
 copy with ``sync_from_jsonl``, which sends only the (key, step) points the run lacks.  When the
 training process closes the tracker, or dies (stdin closes), the writer keeps trying until a
@@ -31,6 +34,8 @@ run is open, stopped before the run's status is set.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import json
 import logging
 import os
@@ -40,7 +45,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -120,6 +125,25 @@ def _batched(client: MlflowClient, run_id: str, params: dict[str, str], tags: di
         client.log_batch(run_id, params=items_p[start : start + MAX_PARAMS_TAGS_PER_BATCH])
     for start in range(0, len(items_t), MAX_PARAMS_TAGS_PER_BATCH):
         client.log_batch(run_id, tags=items_t[start : start + MAX_PARAMS_TAGS_PER_BATCH])
+
+
+MAX_BACKOFF_S = 30.0  # the longest pause between attempts while the trainer runs
+CLOSING_RETRY_S = 1.0  # the longest pause between attempts once the trainer has closed (or died)
+
+
+def retry_wait(interval: float, failures: int, closing_left_s: float | None) -> float:
+    """Seconds until the next delivery attempt after ``failures`` failed ones in a row.
+
+    While training runs, failed attempts back off exponentially (``interval * 2**failures``, at
+    most ``MAX_BACKOFF_S``): the trainer does not wait on them and a down store is not hammered.
+    Once closing (``closing_left_s``: seconds left to the close deadline) the job waits only on
+    this delivery, so the writer retries at least every ``CLOSING_RETRY_S`` and the job ends as
+    soon as the store is back, not a whole backoff later; it never waits past the deadline.
+    """
+    wait = min(interval * 2**failures, MAX_BACKOFF_S) if failures else interval
+    if closing_left_s is not None:
+        wait = min(wait, CLOSING_RETRY_S, max(closing_left_s, 0.0))
+    return wait
 
 
 class Writer:
@@ -298,9 +322,8 @@ class Writer:
             if self.deadline is not None and (ok or time.time() > self.deadline):
                 self.reply({"closed": ok})
                 return ok
-            wait = min(self.interval * 2**self.failures, 30.0) if self.failures else self.interval
-            if self.deadline is not None:
-                wait = min(wait, max(self.deadline - time.time(), 0.0))
+            left = None if self.deadline is None else self.deadline - time.time()
+            wait = retry_wait(self.interval, self.failures, left)
 
 
 def _read_stdin(stream: TextIO, inbox: queue.Queue[dict[str, Any] | None]) -> None:
@@ -309,10 +332,35 @@ def _read_stdin(stream: TextIO, inbox: queue.Queue[dict[str, Any] | None]) -> No
     inbox.put(EOF)
 
 
+def open_store(uri: str) -> None:
+    """Open a local SQLite store now: MLflow creates a new file's tables on first use (seconds of
+    migrations), which a writer started ahead of its run does while the trainer still sets up.
+    A failure is left to ``Writer.deliver``, which reports and retries it; a file whose folder does
+    not exist yet is left alone (the trainer creates the run root)."""
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    if not path or not Path(path).parent.is_dir():
+        return
+    with contextlib.suppress(Exception):  # reported by the first delivery
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
+def read_setup(stream: TextIO) -> dict[str, Any] | None:
+    """The setup message; None when the trainer ended first. A writer started ahead of its run
+    (``flashdmd.infra.tracking.start_writer``) is sent ``{"open": uri}`` before it."""
+    while line := stream.readline():
+        message = json.loads(line)
+        if "open" not in message:
+            return message
+        open_store(message["open"])
+    return None
+
+
 def serve_main() -> int:
     replies = os.fdopen(os.dup(1), "w")  # the protocol keeps the real stdout ...
     os.dup2(2, 1)  # ... and anything printed by libraries goes to stderr
-    setup = json.loads(sys.stdin.readline())
+    setup = read_setup(sys.stdin)
+    if setup is None:  # the set-up failed before the run was opened: nothing to record
+        return 0
     inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
     threading.Thread(target=_read_stdin, args=(sys.stdin, inbox), daemon=True).start()
     writer = Writer(setup, replies)
@@ -326,6 +374,23 @@ def serve_main() -> int:
     return 0 if ok else 1
 
 
+def end_now(code: int) -> NoReturn:
+    """Exit with ``code`` once the run is closed, skipping only the interpreter's teardown.
+
+    Tearing down MLflow's import graph (thousands of modules) takes over a second on a loaded
+    machine, and the trainer's ``close`` and the job's end wait for this process; nothing is left
+    to deliver by then. What a normal exit does first still happens: other non-daemon threads are
+    joined, the atexit handlers run (logging's flush among them) and the streams are flushed.
+    """
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # the handlers a normal exit runs; os._exit skips them
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
@@ -334,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines in job logs
-        return serve_main()
+        end_now(serve_main())
     parser = argparse.ArgumentParser(prog="python -m flashdmd.infra.tracking_writer")
     sub = parser.add_subparsers(dest="command", required=True)
     sync = sub.add_parser("sync", help="send the points of a metrics.jsonl copy that the MLflow run lacks")

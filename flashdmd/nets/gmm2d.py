@@ -1,23 +1,30 @@
 """The exact 2-D toy family ``gmm2d`` (DESIGN.md, toy world 1): every part of spec 1.1 in miniature.
 
 - data: a 2-D Gaussian mixture fully set by ``model.gmm`` (means on a circle unless given,
-  weights, one isotropic std);
+  weights, one isotropic std). The latents are that mixture rescaled to a root-mean-square size
+  of ``LATENT_SCALE`` (``GMM.normalized``, the role of SD's VAE scaling factor), so one noise
+  schedule and one set of learning rates serve any radius; ``parts.extras["gmm"]``, the reward
+  and every toy metric are in latent units, and the decoder scales back to the configured units;
 - teacher (``model.gmm.teacher``): ``mlp`` (default) is an MLP denoiser pretrained on mixture
-  samples with the VP schedule (SDXL's betas) during setup, before the trainer installs its
-  preemption handlers, cached as safetensors under ``cache_dir`` keyed by a hash of everything
-  that shapes it (a requeued job reads it instead of training again). ``exact`` is the mixture's
-  own denoiser, E[target | x_t] in closed form (Tweedie's formula on the noised mixture): the
-  true score for any mixture, nothing to pretrain, and what is left of its samplers' SW2 is
-  theirs (the last step's x0 estimate, the step count, and starting from N(0, I) where SD's
-  schedule ends at alpha_999 = 0.068, which misplaces mass between unequal modes). Distilling
-  from it does not converge on this toy: with students built as exact + correction, no method
-  of the benchmark moves the 4-step student off its undistilled SW2 (bench/results/gmm_distill.md);
+  samples with the VP schedule (SDXL's betas) during setup (a preemption signal meanwhile is
+  recorded, and the trainer saves and stops after its first step), cached as safetensors under ``cache_dir`` keyed by a hash of everything
+  that shapes it (a requeued job reads it instead of training again). Its capacity follows the
+  mixture: sin/cos features of x_t at ``space_octaves`` octaves, one more per halving of the
+  modes' width, and pretraining timesteps balanced in log-SNR (``balanced_timesteps``), so its
+  50-step samples sit within a few mode widths of a mean on sharp mixtures too.
+  ``exact`` is the mixture's own denoiser, E[target | x_t] in closed form (Tweedie's formula on
+  the noised mixture): the true score for any mixture, nothing to pretrain, and what is left of
+  its samplers' SW2 is theirs (the last step's x0 estimate, the step count, and starting from
+  N(0, I) where SD's schedule ends at alpha_999 = 0.068, which misplaces mass between unequal
+  modes). Its students (exact + a zero-initialised MLP correction) barely move at generator_lr
+  3e-5 and diverge at 3e-4 on the preset's ring: the ``mlp`` teacher is the one the benchmark distils;
 - generator and fake score: equal to the teacher at the start (Algorithm 1 init). With the MLP
   teacher, copies of it; with the exact teacher each is the exact denoiser plus a trainable MLP
   correction whose last layer starts at zero (all the distillation learns lives in the correction);
-- decoder V: a fixed invertible linear map (latents -> "pixels");
+- decoder V: a fixed invertible linear map (latents -> "pixels"), the rescaling included;
 - discriminator: a frozen random-feature backbone with two taps, a trainable head per tap (the
-  shape of spec 1.8's frozen SAM + heads);
+  shape of spec 1.8's frozen SAM + heads), its random features spanning the mixture's length
+  scales, from one mode's width to the whole mixture;
 - reward: a noise-aware closeness to one mode, ``r(x_t, t) = -|x_t - alpha_t m|^2 / (2 (alpha_t^2 std^2
   + sigma_t^2))`` (the log-density of the noised mode up to a constant), standing in for the LRM
   of spec 2.2, which also scores noisy latents at their own timestep.
@@ -25,17 +32,16 @@
 Departures: the toy defaults to v-prediction (``model.prediction_type`` may set epsilon). An MLP
 with epsilon output must resolve eps to ~1/15 of the x0 precision at t = 999 (alpha = 0.068),
 which a small MLP trained for seconds does not; v keeps x0 errors at the scale of v errors.
-The MLP teacher, like the paper's, is a trained network; it does not resolve sharp modes (std
-well below the spread) within seconds of CPU training, which is what the exact option is for.
-The exact teacher's correction MLP takes x_t divided by the mixture's scale (its root-mean-square
-radius); the MLP teacher takes x_t as is: dividing by the scale made its 50-step SW2 worse
-(0.25 vs 0.10 on the preset's ring, 0.38 vs 0.32 on the benchmark's wide12, 4096 points).
+The latents are 4x the size of SD's unit-variance latents (``LATENT_SCALE``): in two dimensions
+a unit-size mixture's neighbouring modes blur into one by the 4-step student's last input
+(sigma 0.64 at t = 249), which high-dimensional image latents do not.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -49,9 +55,14 @@ from flashdmd.nets.dmd2_classifier import with_mode_discriminator
 from flashdmd.nets.interfaces import Conditioning
 from flashdmd.nets.parts import Parts
 
-TEACHER_VERSION = "gmm2d-teacher-v5"  # bump when the MLP or its training changes
+log = logging.getLogger(__name__)
+TEACHER_VERSION = "gmm2d-teacher-v6"  # bump when the MLP or its training changes
 DEFAULT_PREDICTION = "v_prediction"
 TEACHER_BATCH = 512
+# the latents' root-mean-square size: the preset ring's. At unit size (SD's latent variance) the
+# 4-step student's last input x_249 (sigma 0.64) blurs neighbouring modes into one in two
+# dimensions, which SD's high-dimensional latents do not
+LATENT_SCALE = 4.0
 TEACHER_SEED = 0
 
 
@@ -92,6 +103,13 @@ class GMM:
         """Root-mean-square distance of a sample from the origin: the exact teacher's correction's input unit."""
         return math.sqrt(float((self.weights * self.means.pow(2).sum(dim=1)).sum()) + 2 * self.std**2)
 
+    def normalized(self) -> GMM:
+        """The mixture rescaled to ``LATENT_SCALE``: the toy's latents, one size for any radius
+        (the role of SD's VAE scaling factor), so that one noise schedule and one set of learning
+        rates fit every configured mixture."""
+        k = LATENT_SCALE / self.scale
+        return GMM(self.means * k, self.weights, self.std * k)
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """n samples and their mode labels."""
         labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
@@ -103,14 +121,15 @@ class TimeMLP(nn.Module):
     """Denoiser ``(x_t, t, cond) -> native prediction`` for 2-D points; ``cond`` is ignored."""
 
     def __init__(self, hidden: int = 256, num_freqs: int = 6, num_train_timesteps: int = 1000,
-                 scale: float = 1.0) -> None:
+                 scale: float = 1.0, space_freqs: int = 0) -> None:
         super().__init__()
         self.T = num_train_timesteps
         self.scale = scale  # x_t enters as x_t / scale: unit-size inputs for any mixture radius
         self.num_freqs = num_freqs
+        self.space_freqs = space_freqs
         self.hidden = hidden
         self.net = nn.Sequential(
-            nn.Linear(2 + 2 * num_freqs + 1, hidden), nn.SiLU(),
+            nn.Linear(2 + 4 * space_freqs + 2 * num_freqs + 1, hidden), nn.SiLU(),
             nn.Linear(hidden, hidden), nn.SiLU(),
             nn.Linear(hidden, hidden), nn.SiLU(),
             nn.Linear(hidden, 2),
@@ -131,7 +150,12 @@ class TimeMLP(nn.Module):
         tau = (t.to(torch.float32) / self.T).unsqueeze(1)
         freqs = math.pi * 2.0 ** torch.arange(self.num_freqs, dtype=torch.float32, device=x_t.device)
         angles = tau * freqs
-        features = torch.cat([x, angles.sin(), angles.cos(), tau], dim=1)
+        # sin/cos of x at octaves 1 .. 2^(space_freqs - 1): a smooth-activation MLP on x alone
+        # needs thousands of steps to grow the large first-layer weights that resolve modes
+        # much narrower than the mixture (space_freqs scales with scale / std: space_octaves)
+        octaves = math.pi * 2.0 ** torch.arange(self.space_freqs, dtype=torch.float32, device=x_t.device)
+        space = (x.unsqueeze(2) * octaves).flatten(1)
+        features = torch.cat([x, space.sin(), space.cos(), angles.sin(), angles.cos(), tau], dim=1)
         return self.net(features.to(dtype))
 
 
@@ -198,10 +222,11 @@ class ResidualDenoiser(nn.Module):
 class LinearDecoder(nn.Module):
     """The toy VAE decoder V: a fixed invertible linear map (a shear and a rotation)."""
 
-    def __init__(self) -> None:
+    def __init__(self, scale: float = 1.0) -> None:
         super().__init__()
         c, s = math.cos(0.5), math.sin(0.5)
-        matrix = torch.tensor([[c, -s], [s, c]]) @ torch.tensor([[1.0, 0.4], [0.0, 0.8]])
+        # latents are the mixture rescaled (GMM.normalized): the decoder scales them back
+        matrix = scale * torch.tensor([[c, -s], [s, c]]) @ torch.tensor([[1.0, 0.4], [0.0, 0.8]])
         self.register_buffer("matrix", matrix)
         self.register_buffer("offset", torch.tensor([0.3, -0.2]))
 
@@ -214,20 +239,28 @@ class LinearDecoder(nn.Module):
 
 
 class RandomFeatureDiscriminator(nn.Module):
-    """Frozen random-feature backbone with two taps, one trainable MLP head per tap; logit = mean."""
+    """Frozen random-feature backbone with two taps, one trainable MLP head per tap; logit = mean.
 
-    def __init__(self, features: int = 64, head_hidden: int = 64, bandwidth: float = 1.0, seed: int = 1234) -> None:
+    The first tap's random Fourier rows have length scales spread log-uniformly over
+    ``length_scales`` (pixel units): from the modes' width, which tells a sharp mode from a
+    blurred one, to the mixture's size, which weighs the modes' masses (the multi-scale
+    features a frozen SAM gives the image discriminator, spec 1.8)."""
+
+    def __init__(self, features: int = 64, head_hidden: int = 64, length_scales: tuple[float, float] = (1.0, 1.0),
+                 seed: int = 1234) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng():  # the heads' default init, seeded too: same seed, same network
             torch.manual_seed(seed)
-            self._build(features, head_hidden, bandwidth, g)
+            self._build(features, head_hidden, length_scales, g)
 
-    def _build(self, features: int, head_hidden: int, bandwidth: float, g: torch.Generator) -> None:
+    def _build(self, features: int, head_hidden: int, length_scales: tuple[float, float], g: torch.Generator) -> None:
         self.tap1 = nn.Linear(2, features)
         self.tap2 = nn.Linear(2 * features, features)
+        lo, hi = length_scales
+        scales = lo * (hi / lo) ** torch.linspace(0.0, 1.0, features, dtype=torch.float64)
         with torch.no_grad():
-            self.tap1.weight.copy_(torch.randn(features, 2, generator=g) / bandwidth)
+            self.tap1.weight.copy_(torch.randn(features, 2, generator=g) / scales.unsqueeze(1).float())
             self.tap1.bias.copy_(torch.rand(features, generator=g) * 2 * math.pi)
             self.tap2.weight.copy_(torch.randn(features, 2 * features, generator=g) / math.sqrt(2 * features))
             self.tap2.bias.zero_()
@@ -262,25 +295,53 @@ class GMMReward(nn.Module):
 
 def teacher_key(g: GMMConfig, prediction: str) -> str:
     """Hash of everything that determines the pretrained teacher."""
-    gmm = GMM.from_config(g)
+    gmm = GMM.from_config(g).normalized()
     payload = {"version": TEACHER_VERSION, "means": gmm.means.tolist(), "weights": gmm.weights.tolist(),
                "std": gmm.std, "steps": g.teacher_steps, "hidden": g.hidden, "prediction": prediction,
                "batch": TEACHER_BATCH, "seed": TEACHER_SEED}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def space_octaves(gmm: GMM) -> int:
+    """Spatial Fourier octaves of the MLP teacher for a unit-scale mixture: the highest, 2^(k-1) pi,
+    reaches one period per ~pi mode widths, so the capacity grows with how sharp the modes are."""
+    return max(1, math.ceil(math.log2(LATENT_SCALE / (math.pi * gmm.std))) + 1)
+
+
+def balanced_timesteps(schedule: Schedule, n: int, generator: torch.Generator) -> Tensor:
+    """Half uniform in t, half uniform in log-SNR: SD's betas give only ~2 % of uniform t to the
+    low noise at which the teacher's last sampler steps resolve narrow modes."""
+    T = schedule.num_train_timesteps
+    a, s = schedule.alpha_sigma(torch.arange(T))
+    log_snr = (a / s).log() * 2
+    density = (log_snr[:-1] - log_snr[1:]).abs()
+    low_noise = torch.multinomial(torch.cat([density, density[-1:]]), n - n // 2, replacement=True,
+                                  generator=generator)
+    return torch.cat([torch.randint(0, T, (n // 2,), generator=generator), low_noise])
+
+
 def pretrain_teacher(gmm: GMM, schedule: Schedule, hidden: int, steps: int, batch: int = 512,
                      seed: int = 0) -> TimeMLP:
-    """Denoising pretraining on fresh mixture samples with the schedule's native target."""
+    """Denoising pretraining on fresh mixture samples with the schedule's native target, at
+    log-SNR-balanced timesteps (``balanced_timesteps``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny MLP: more threads only contend, 100x slower on a loaded machine
+    try:
+        return _pretrain(gmm, schedule, hidden, steps, batch, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(gmm: GMM, schedule: Schedule, hidden: int, steps: int, batch: int, seed: int) -> TimeMLP:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = TimeMLP(hidden, num_train_timesteps=schedule.num_train_timesteps)
+    model = TimeMLP(hidden, num_train_timesteps=schedule.num_train_timesteps, space_freqs=space_octaves(gmm))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
     for _ in range(steps):
         x0, _ = gmm.sample(batch, g)
         noise = torch.randn(batch, 2, generator=g)
-        t = schedule.sample_t(batch, 0.0, 1.0, g)
+        t = balanced_timesteps(schedule, batch, g)
         pred = model(schedule.add_noise(x0, noise, t), t, {})
         loss = torch.nn.functional.mse_loss(pred, schedule.target(x0, noise, t))
         opt.zero_grad(set_to_none=True)
@@ -293,12 +354,14 @@ def pretrain_teacher(gmm: GMM, schedule: Schedule, hidden: int, steps: int, batc
 
 def load_or_train_teacher(cfg: Config, schedule: Schedule, cache_dir: Path) -> TimeMLP:
     g = cfg.model.gmm
+    gmm = GMM.from_config(g).normalized()
     path = Path(cache_dir) / f"gmm2d-teacher-{teacher_key(g, schedule.prediction)}.safetensors"
     if path.is_file():
-        model = TimeMLP(g.hidden, num_train_timesteps=schedule.num_train_timesteps)
+        model = TimeMLP(g.hidden, num_train_timesteps=schedule.num_train_timesteps, space_freqs=space_octaves(gmm))
         model.load_state_dict(load_file(str(path)))
         return model.eval().requires_grad_(False)
-    model = pretrain_teacher(GMM.from_config(g), schedule, g.hidden, g.teacher_steps, TEACHER_BATCH, TEACHER_SEED)
+    log.info("pretraining the gmm2d teacher: %d steps, width %d, into %s", g.teacher_steps, g.hidden, path)
+    model = pretrain_teacher(gmm, schedule, g.hidden, g.teacher_steps, TEACHER_BATCH, TEACHER_SEED)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(model.state_dict(), str(tmp), metadata={"version": TEACHER_VERSION})
@@ -332,10 +395,11 @@ def _denoisers(cfg: Config, gmm: GMM, schedule: Schedule, cache_dir: Path) -> tu
 def build_gmm_parts(cfg: Config, cache_dir: Path) -> Parts:
     """Every network of spec 1.1 for the toy; an MLP teacher is pretrained once and cached."""
     schedule = gmm_schedule(cfg)
-    gmm = GMM.from_config(cfg.model.gmm)
+    data = GMM.from_config(cfg.model.gmm)
+    gmm = data.normalized()
     teacher, generator, fake_score = _denoisers(cfg, gmm, schedule, cache_dir)
     reward = GMMReward(gmm.means[cfg.model.gmm.reward_mode], gmm.std, schedule)
-    decoder = LinearDecoder().requires_grad_(False)
+    decoder = LinearDecoder(data.scale / LATENT_SCALE).requires_grad_(False)
     parts = Parts(
         family="gmm2d",
         schedule=schedule,
@@ -344,7 +408,7 @@ def build_gmm_parts(cfg: Config, cache_dir: Path) -> Parts:
         generator=generator,
         fake_score=fake_score,
         decoder=decoder,
-        discriminator=RandomFeatureDiscriminator(seed=cfg.seed),
+        discriminator=RandomFeatureDiscriminator(length_scales=(data.std, data.scale), seed=cfg.seed),
         encode_prompts=lambda prompts: {},
         null_cond=lambda n: {},
         reward=reward.requires_grad_(False),

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ from flashdmd.train.progress import Progress
 from flashdmd.train.rundir import RESUME_ENV, check_run_dir
 from flashdmd.train.window import MetricWindow, display_name
 from flashdmd.infra.logs import setup_logging
-from flashdmd.infra.tracking import COMMAND_ENV, NullTracker, open_tracker
+from flashdmd.infra.tracking import COMMAND_ENV, NullTracker, discard_writer, open_tracker, start_writer
 
 log = logging.getLogger("flashdmd.train")
 BAD_SAMPLES = "bad_samples.jsonl"  # each distinct bad input item, appended by every rank's data stream
@@ -169,10 +170,11 @@ class Trainer:
             return resplit_streams([s.get("data") for s in resumed.rank_states], self.ctx.rank, self.ctx.world_size)
         return resumed.rank_state.get("data")
 
-    def _open_tracker(self, run_id: str | None) -> NullTracker:
+    def _open_tracker(self, run_id: str | None, writer: subprocess.Popen[str] | None) -> NullTracker:
         parent = self.handoff.run_id if self.handoff else None
         parent_name = self.handoff.folder.resolve().parent.name if self.handoff else None  # <run_dir>/final
-        tracker = open_tracker(self.cfg, self.ctx.rank, run_id, parent, stage=self.job, parent_name=parent_name)
+        tracker = open_tracker(self.cfg, self.ctx.rank, run_id, parent, stage=self.job, parent_name=parent_name,
+                               writer=writer)
         if tracker.page:
             log.info("MLflow run %s (%s): %s", self.cfg.name, tracker.run_id, tracker.page)
         if self.ctx.is_main and run_id is None:
@@ -184,14 +186,23 @@ class Trainer:
     # -- loop -----------------------------------------------------------------------------------
     def run(self) -> Path:
         cfg = self.cfg
-        self._setup()
-        step, run_id, data_state = self._resume()
-        tracker = self._open_tracker(run_id)
+        # rank 0's MLflow writer starts first: its imports and the store's opening overlap the set-up
+        writer = start_writer(cfg.tracking_uri) if self.ctx.rank == 0 else None
+        # the handlers go in before the set-up: a signal during it (the toy teacher's pretraining,
+        # loading a model) is recorded, not fatal, and the loop saves and stops after its first step
+        preemption = Preemption(cfg, self.ctx)
+        try:
+            self._setup()
+            step, run_id, data_state = self._resume()
+            tracker = self._open_tracker(run_id, writer)
+        except BaseException:
+            discard_writer(writer)
+            preemption.uninstall()
+            raise
         self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
         os.environ[RECORD_ENV] = str((self.cfg.run_dir / BAD_SAMPLES).resolve())  # every rank's loader appends
         batches = build_batches(cfg, self.parts, self.ctx.rank, self.ctx.world_size, self.ctx.device, data_state)
         monitor = build_monitor(cfg, self.parts, self.ctx.device)
-        preemption = Preemption(cfg, self.ctx)
         progress = Progress(self.iterations, step, enabled=self.ctx.is_main)
         window = MetricWindow()  # every iteration's metrics since the last log step
         if step == 0 and cfg.tracking.sample_every and monitor.at_start:

@@ -23,7 +23,7 @@ DMD2 = ["stage1.mode=dmd2", "stage1.dm_steps=[]", "stage1.gan_steps=[]", "stage1
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("dmd2-cache")
+    return tmp_path_factory.getbasetemp() / "nets-cache"  # the session's, shared with tests/nets/test_nets_*
 
 
 def _stage1(cache: Path, *overrides: str) -> tuple[Stage1, object, LocalEngine]:

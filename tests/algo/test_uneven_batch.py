@@ -18,6 +18,11 @@ from flashdmd.algo.stage1 import gan_share
 from flashdmd.config import ConfigError, load_config
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.getbasetemp() / "nets-cache")  # the session's, shared with tests/nets/test_nets_*
+
+
 def test_split_gives_the_first_ranks_one_more_and_sums_to_the_batch():
     assert split_batch(48, 32) == [2] * 16 + [1] * 16
     assert split_batch(64, 32) == [2] * 32
@@ -56,7 +61,7 @@ def test_the_config_splits_unevenly_and_refuses_fewer_samples_than_ranks():
         cfg.data.shares(64)
 
 
-def test_the_stage1_weights_count_every_ranks_gan_subset(tmp_path: Path):
+def test_the_stage1_weights_count_every_ranks_gan_subset(cache: str):
     """Stage1.loss_weights on shares 3 and 2 with half the batch on the GAN branch: batch terms
     n W / N, GAN terms m W / M with m = ceil(n / 2) on every rank (2 and 1, M = 3)."""
     from uneven_world import rank_batch, stage1_config
@@ -66,8 +71,8 @@ def test_the_stage1_weights_count_every_ranks_gan_subset(tmp_path: Path):
     from flashdmd.engine.local import LocalEngine
     from flashdmd.nets.registry import build_parts
 
-    cfg = stage1_config(str(tmp_path), "flash")
-    parts = build_parts(cfg, tmp_path)
+    cfg = stage1_config(cache, "flash")
+    parts = build_parts(cfg, Path(cache))
     for rank, expected in ((0, (6 / 5, 4 / 3)), (1, (4 / 5, 2 / 3))):
         engine = LocalEngine("cpu")
         engine.rank, engine.world_size = rank, 2
@@ -98,7 +103,7 @@ def test_toy_world_two_uneven_ranks_match_one_process(tmp_path: Path):
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["flash", "dmd2"])
-def test_real_stage1_on_uneven_ranks_averages_to_the_global_mean(mode: str, tmp_path: Path):
+def test_real_stage1_on_uneven_ranks_averages_to_the_global_mean(mode: str, cache: str, tmp_path: Path):
     """tiny-sdxl, 5 prompts on 2 DDP ranks (3 + 2): every network's averaged gradient equals
     sum_r (c_r / C) g_r, with g_r rank r's plain local-mean gradient (recomputed here in one
     process with rank r's noise) and c_r the samples its loss averages over: the batch for the
@@ -108,7 +113,6 @@ def test_real_stage1_on_uneven_ranks_averages_to_the_global_mean(mode: str, tmp_
     from flashdmd.engine.local import LocalEngine
     from flashdmd.nets.registry import build_parts
 
-    cache = str(tmp_path / "cache")
     build_parts(stage1_config(cache, mode), Path(cache))  # built once, before the ranks read it
     got = run_ranks(2, stage1_grads_run, cache, mode, tmp=tmp_path)
     shares = split_batch(len(PROMPTS), 2)

@@ -7,6 +7,7 @@ The real presets fit 80 GiB on 1 and 4 nodes of 8 GPUs, both stages."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,8 @@ from allocations import AllocationLog
 from engine_world import run_ranks, stage1_batch
 from torch import Tensor
 
-from flashdmd.apps.plan import GIB, architecture, count, lora_count, plan
-from flashdmd.config import ConfigError, load_config
+from flashdmd.apps.plan import GIB, Architecture, architecture, count, lora_count, plan
+from flashdmd.config import Config, ConfigError, load_config
 
 TOLERANCE = 0.15  # relative, per network and kind ("within 15 %")
 # planned / measured activation peak: observed 1.06-1.26 with at most one saver; with all four and
@@ -101,14 +102,30 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(folder)
 
 
-def test_real_parameter_counts_match_the_published_models() -> None:
+@pytest.fixture(scope="module")
+def real_arch() -> Callable[[Config], Architecture]:
+    """``architecture(cfg)`` for the real presets, built once per family for this module: a real
+    family takes seconds to build on the meta device and more to probe (``per_sample``, FLOPs),
+    which its ``probed`` and ``flops`` caches then hold for the next test, as in one planner run.
+    The presets used here share each family's model settings."""
+    built: dict[str, Architecture] = {}
+
+    def get(cfg: Config) -> Architecture:
+        if cfg.model.family not in built:
+            built[cfg.model.family] = architecture(cfg)
+        return built[cfg.model.family]
+
+    return get
+
+
+def test_real_parameter_counts_match_the_published_models(real_arch) -> None:
     """Meta-device instances of the real configs give the published sizes (diffusers docs / model cards)."""
-    sdxl = architecture(load_config("sdxl-4step"))
+    sdxl = real_arch(load_config("sdxl-4step"))
     assert count(sdxl.denoiser) == 2_567_463_684  # SDXL-base UNet
     assert count(sdxl.vae) == 83_653_863  # SD/SDXL VAE
     assert 300e6 < count(sdxl.sam) < 310e6  # SAM ViT-L image encoder (~308 M)
-    assert count(architecture(load_config("sd15-4step")).denoiser) == 859_520_964  # SD1.5 UNet
-    sd3 = architecture(load_config("sd3-medium-4step"))
+    assert count(real_arch(load_config("sd15-4step")).denoiser) == 859_520_964  # SD1.5 UNet
+    sd3 = real_arch(load_config("sd3-medium-4step"))
     assert count(sd3.denoiser) == 2_028_328_000  # SD3-Medium MMDiT (~2 B)
     assert all(p.device.type == "meta" for p in sd3.denoiser.parameters())
 
@@ -165,13 +182,16 @@ def test_sharding_offload_and_fit_verdict(cache: str) -> None:
 
 
 @pytest.mark.slow  # about 25 CPU-seconds: every real family on the meta device
-def test_cli_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
-    from flashdmd.apps.plan import cli
+def test_cli_prints_a_table(capsys: pytest.CaptureFixture[str], monkeypatch, real_arch) -> None:
+    from flashdmd.apps import plan as planner
 
-    assert cli(["--config", "sdxl-4step", "--nodes", "4", "--gpu-mem", "10000", "--matrix"]) == 0
+    calls = []
+    monkeypatch.setattr(planner, "architecture", lambda cfg: calls.append(cfg.model.family) or real_arch(cfg))
+    assert planner.cli(["--config", "sdxl-4step", "--nodes", "4", "--gpu-mem", "10000", "--matrix"]) == 0
     out = capsys.readouterr().out
     assert "sdxl on 32 GPU(s)" in out and "generator" in out and "fits" in out
     assert "ZeRO-3 + optimizer offload" in out and "FSDP2" in out
+    assert calls == ["sdxl"]  # the plan and the matrix share one architecture
 
 
 SAVERS = {
@@ -233,13 +253,12 @@ def test_savers_flops_and_host_memory(cache: str) -> None:
 
 
 @pytest.mark.slow
-def test_real_presets_fit_one_and_four_nodes() -> None:
+def test_real_presets_fit_one_and_four_nodes(real_arch) -> None:
     """Acceptance: the paper's global batch on 1 x 8 and 4 x 8 GPUs of 80 GiB, both stages; 48 over
     32 GPUs splits 2/1 (spec 1.9) and is planned for the larger share."""
-    archs: dict[str, object] = {}
     for preset in ("sdxl-4step", "sdxl-8step", "sd3-medium-4step"):
         cfg = load_config(preset)
-        arch = archs.setdefault(cfg.model.family, architecture(cfg))
+        arch = real_arch(cfg)
         for nodes in (1, 4):
             for stage in (1, 2):
                 p = plan(cfg, nodes * 8, stage, 80.0, arch=arch, suggest=False)
@@ -247,10 +266,11 @@ def test_real_presets_fit_one_and_four_nodes() -> None:
                 assert p.global_batch == sum(p.shares) == cfg.data.global_batch_size and sum(p.flops.values()) > 0
                 assert len(p.shares) == nodes * 8 and max(p.shares) - min(p.shares) <= 1
                 assert p.settings["batch/GPU"] == max(p.shares) and p.host_node_bytes > 0
-    uneven = plan(load_config("sdxl-8step"), 32, arch=archs["sdxl"], suggest=False, with_flops=False)
+    sdxl = real_arch(load_config("sdxl-8step"))
+    uneven = plan(load_config("sdxl-8step"), 32, arch=sdxl, suggest=False, with_flops=False)
     assert uneven.shares == [2] * 16 + [1] * 16
     with pytest.raises(ConfigError, match="global_batch_size=48.*world size 64"):  # a GPU would get no sample
-        plan(load_config("sdxl-8step"), 64, arch=archs["sdxl"])
+        plan(load_config("sdxl-8step"), 64, arch=sdxl)
 
 
 def test_uneven_global_batch_is_planned_for_its_largest_share(cache: str) -> None:

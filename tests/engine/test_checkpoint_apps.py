@@ -1,18 +1,21 @@
 """The step directories real training writes, under every engine, serve every tool.
 
-One tiny-sdxl stage-1 run per engine (local on 1 rank; DDP, FSDP2 and ZeRO-3 on 2 gloo ranks),
-2 steps with a checkpoint at each, through ``python -m flashdmd.train``. Its step-2 directory is
-taken at the same step as the ``final/`` hand-over, so sampling, export, evaluation, the
+One tiny-sdxl stage-1 run per engine (local on 1 rank; DDP, FSDP2 and ZeRO-3 ending on 2 gloo
+ranks), a checkpoint at every step, through ``python -m flashdmd.train``. Its last step directory
+is taken at the same step as the ``final/`` hand-over, so sampling, export, evaluation, the
 consolidation CLI (and on ZeRO-3 DeepSpeed's own zero_to_fp32) must give exactly what ``final/``
-gives; step 1 must load too, and differ. Then runs killed while saving resume at another world
-size: FSDP2 1 -> 2 -> 1 ranks (killed twice) and ZeRO-3 2 -> 1: they finish their planned steps,
-their MLflow run holds each step once, and the log says what was re-split.
+gives; the step before must load too, and differ. The sharded runs are launched several times,
+each launch but the last killed while saving, the next resuming at another world size: FSDP2
+2 -> 1 -> 2 ranks (killed twice: both directions) and ZeRO-3 1 -> 2. They finish their planned
+steps, their MLflow run holds each step once, and the log says what was re-split; their last
+step directory is then a 2-rank one written after a resume, which the tools read like any other.
+(ZeRO-3's 2 -> 1 re-partition, by the engine: tests/engine/test_checkpoint_reshard.py.)
 """
 from __future__ import annotations
 
 import json
 import re
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -31,41 +34,70 @@ from flashdmd.engine.checkpoint_reader import CheckpointReader
 from flashdmd.train.checkpoint import step_dir
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-ENGINES = {"local": ("local", 1), "ddp": ("local", 2), "fsdp": ("fsdp", 2), "deepspeed": ("deepspeed", 2)}
+# name -> (engine.kind, ranks of each launch; every launch but the last is killed while saving)
+RUNS = {"local": ("local", [1]), "ddp": ("local", [2]), "fsdp": ("fsdp", [2, 1, 2]), "deepspeed": ("deepspeed", [1, 2])}
 PROMPTS = ["a red car", "a cat on a mat"]
 LOSS = "loss/fake"  # one metric logged at every step
 
 
+@dataclass
+class Run:
+    cfg: Config
+    sizes: list[int]
+    logs: list[str]  # rank 0's log of each launch
+
+
+class Runs:
+    """Each engine's run, launched the first time a test asks for it; a failed one fails every asker."""
+
+    def __init__(self, root: Path, shards: str, cache: Path) -> None:
+        self.root, self.shards, self.cache = root, shards, cache
+        self.done: dict[str, Run | BaseException] = {}
+
+    def __call__(self, name: str) -> Run:
+        if name not in self.done:
+            try:
+                self.done[name] = self._launch(name)
+            except BaseException as err:  # noqa: BLE001 -- kept, and raised again for the next test
+                self.done[name] = err
+        run = self.done[name]
+        if isinstance(run, BaseException):
+            raise run
+        return run
+
+    def _launch(self, name: str) -> Run:
+        kind, sizes = RUNS[name]
+        iterations = max(2, len(sizes))
+        overrides = train_overrides(self.root, f"{name}-{'-'.join(map(str, sizes))}", kind, self.shards, iterations,
+                                    self.cache)
+        logs = []
+        for k, ranks in enumerate(sizes):
+            last = k == len(sizes) - 1
+            codes, log = launch_train(overrides, ranks, faults="" if last else f"kill_save@{k + 2}")
+            assert codes == ([0] if last else [-9]) * ranks, log[-3000:]
+            logs.append(log)
+        return Run(load_config("tiny-sdxl", overrides), sizes, logs)
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> tuple[Path, str]:
+def runs(tmp_path_factory) -> Runs:
     root = tmp_path_factory.mktemp("runs")
-    return root, make_shards(root)
-
-
-def _cfg(root: Path, overrides: list[str]) -> Config:
-    return load_config("tiny-sdxl", overrides)
-
-
-@pytest.fixture(scope="module", params=sorted(ENGINES))
-def trained(request, world) -> tuple[str, Config]:
-    root, shards = world
-    kind, ranks = ENGINES[request.param]
-    overrides = train_overrides(root, request.param, kind, shards, 2)
-    codes, log = launch_train(overrides, ranks)
-    assert codes == [0] * ranks, log[-3000:]
-    return request.param, _cfg(root, overrides)
+    return Runs(root, make_shards(root), tmp_path_factory.getbasetemp() / "nets-cache")  # shared with tests/nets
 
 
 def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_step_dir_serves_sample_export_eval_like_final(trained, tmp_path: Path) -> None:
-    name, cfg = trained
-    step, final = step_dir(cfg.checkpoint_dir, 2), cfg.run_dir / "final"
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_a_step_dir_serves_sample_export_eval_like_final(runs: Runs, name: str, tmp_path: Path) -> None:
+    run = runs(name)
+    cfg, last = run.cfg, run.cfg.stage1.iterations
+    step, before, final = step_dir(cfg.checkpoint_dir, last), step_dir(cfg.checkpoint_dir, last - 1), cfg.run_dir / "final"
     handed = load_file(str(final / "generator.safetensors"))
     reader = CheckpointReader(step)
     assert reader.map("generator")["engine"] == {"local": "local", "ddp": "ddp"}.get(name, name)
+    assert json.loads((step / "trainer.json").read_text())["world_size"] == run.sizes[-1]
     assert _equal({k: reader.tensor("generator", k) for k in handed}, handed)
 
     assert consolidate_cli([str(step), str(tmp_path / "plain"), "--network", "generator"]) == 0
@@ -78,10 +110,10 @@ def test_a_step_dir_serves_sample_export_eval_like_final(trained, tmp_path: Path
         assert _equal({k: theirs[k] for k in handed}, handed)
 
     seeds = [3, 4]
-    students = {src: load_student(cfg, src) for src in (step, final, step_dir(cfg.checkpoint_dir, 1))}
+    students = {src: load_student(cfg, src) for src in (step, final, before)}
     images = {src: s.generate(PROMPTS, seeds) for src, s in students.items()}
     assert torch.equal(images[step], images[final])
-    assert not torch.equal(images[step_dir(cfg.checkpoint_dir, 1)], images[final])
+    assert not torch.equal(images[before], images[final])
 
     unets = []
     for src in (step, final):
@@ -96,25 +128,19 @@ def test_a_step_dir_serves_sample_export_eval_like_final(trained, tmp_path: Path
     assert scores[0] == scores[1] and "clip_score" in scores[0]
 
 
-@pytest.mark.parametrize("kind,sizes", [("fsdp", [1, 2, 1]), ("deepspeed", [2, 1])], ids=["fsdp-1-2-1", "deepspeed-2-1"])
-def test_a_run_resumes_at_another_world_size(world, kind: str, sizes: list[int]) -> None:
-    """Each launch but the last is killed while saving its last step (step k+1 of launch k); the next
-    launch, at another world size, resumes from the step before and re-splits what the last one wrote.
-    One chain 1 -> 2 -> 1 covers both directions on FSDP2 with a launch less than two separate runs."""
-    root, shards = world
-    iterations = len(sizes)
-    overrides = train_overrides(root, f"resume-{kind}-{'-'.join(map(str, sizes))}", kind, shards, iterations)
-    for k, ranks in enumerate(sizes):
-        last = k == len(sizes) - 1
-        codes, log = launch_train(overrides, ranks, faults="" if last else f"kill_save@{k + 2}")
-        assert codes == ([0] if last else [-9]) * ranks, log[-3000:]
-        if k:
-            assert re.search(rf"resuming .*step-{k:08d}", log), log[-3000:]  # the newest valid step, before the kill
-            assert f"written by {sizes[k - 1]} ranks, this run has {ranks}" in log and "re-split" in log, log[-3000:]
-    cfg = _cfg(root, overrides)
+@pytest.mark.parametrize("name", ["fsdp", "deepspeed"])
+def test_a_run_resumes_at_another_world_size(runs: Runs, name: str) -> None:
+    """Launch k (from 0) is killed while saving step k + 2; launch k + 1, at another world size,
+    resumes from step k + 1, the newest valid one, and re-splits what the launch before wrote."""
+    run = runs(name)
+    for k in range(1, len(run.sizes)):
+        log = run.logs[k]
+        assert re.search(rf"resuming .*step-{k:08d}", log), log[-3000:]  # the newest valid step, before the kill
+        assert f"written by {run.sizes[k - 1]} ranks, this run has {run.sizes[k]}" in log and "re-split" in log, \
+            log[-3000:]
+    cfg = run.cfg
     meta = json.loads((cfg.run_dir / "final" / "handoff.json").read_text())
-    assert meta["step"] == iterations
+    assert meta["step"] == cfg.stage1.iterations == len(run.sizes)
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
     steps = sorted(m.step for m in client.get_metric_history(meta["mlflow_run_id"], LOSS))
-    assert steps == list(range(1, iterations + 1))  # one MLflow run over all launches, each step once
-    shutil.rmtree(cfg.run_dir)
+    assert steps == list(range(1, len(run.sizes) + 1))  # one MLflow run over all launches, each step once

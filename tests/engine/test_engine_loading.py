@@ -73,7 +73,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from flashdmd.config import load_config
     from flashdmd.nets.registry import build_parts
 
-    folder = tmp_path_factory.mktemp("loading-cache")
+    folder = tmp_path_factory.getbasetemp() / "nets-cache"  # the session's, shared with tests/nets/test_nets_*
     build_parts(load_config("tiny-sdxl", [f"model.cache_dir={folder}", "model.lora.enabled=false"]), folder)
     return folder
 

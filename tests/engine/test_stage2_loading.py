@@ -117,7 +117,7 @@ def handoff(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
     lora = request.param
     root = tmp_path_factory.mktemp("stage2-loading")
-    cache = root / "cache"
+    cache = tmp_path_factory.getbasetemp() / "nets-cache"  # the session's, shared with tests/nets/test_nets_*
     cfg = _config(str(cache), "", lora, f"run_root={root}", "name=stage1")
     parts = build_parts(cfg, cache)
     gen = torch.Generator().manual_seed(0)

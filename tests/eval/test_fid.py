@@ -21,7 +21,7 @@ from flashdmd.eval import build_metrics
 from flashdmd.eval.fid import save_reference_stats
 from flashdmd.eval.inception import inception_class, weights_only_loads
 
-N = 6
+N = 4
 PROMPTS = ["a cat"] * N
 
 
@@ -43,7 +43,7 @@ def as_input(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-@pytest.mark.slow  # 48 forwards of the full-size Inception on the CPU
+@pytest.mark.slow  # 24 forwards of the full-size Inception on the CPU
 def test_inception_fid_matches_torchmetrics(inception, tmp_path):
     pytest.importorskip("torchmetrics")
     inception_class()  # torch-fidelity importable before torchmetrics looks for it
@@ -70,15 +70,14 @@ def test_inception_fid_matches_torchmetrics(inception, tmp_path):
     expected = float(reference.compute())
     assert expected > 0 and ours == pytest.approx(expected, rel=1e-3)
 
-    # the reference set as a list file and as saved statistics gives the same number
+    # the reference set as a list file, through its saved statistics, gives the same number: the
+    # statistics are read from the list (reference_files), and a list or a folder reaches the same
+    # reference_stats computation as the folder above, so one run covers both
     (tmp_path / "ref.txt").write_text("".join(f"ref/{i:03d}.png\n" for i in range(N)))
     npz = save_reference_stats("fid", tmp_path / "ref.txt", tmp_path / "ref.npz", str(inception))
-    for source in (tmp_path / "ref.txt", npz):
-        again, _ = build_metrics(
-            EvalConfig(metrics=["fid"], weights={"fid": str(inception)}, reference_images=str(source))
-        )
-        again["fid"].update(as_input(fake), PROMPTS)
-        assert again["fid"].compute() == pytest.approx(ours, rel=1e-6)
+    again, _ = build_metrics(EvalConfig(metrics=["fid"], weights={"fid": str(inception)}, reference_images=str(npz)))
+    again["fid"].update(as_input(fake), PROMPTS)
+    assert again["fid"].compute() == pytest.approx(ours, rel=1e-6)
 
 
 class Payload:

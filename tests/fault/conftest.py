@@ -23,4 +23,4 @@ def gmm_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
     """Where the tiny-sdxl preset's networks are written once for the training runs over corrupt data."""
-    return tmp_path_factory.mktemp("tiny-sdxl-cache")
+    return tmp_path_factory.getbasetemp() / "nets-cache"  # the session's, shared with tests/nets/test_nets_*

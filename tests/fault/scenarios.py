@@ -76,6 +76,33 @@ def build_cache(cache: Path) -> Path:
     return cache
 
 
+_MIGRATED: list[Path] = []  # this process's empty store, migrated once
+
+
+def migrated_store(root: Path) -> None:
+    """Give a new run root the MLflow SQLite store its runs would create (``<root>/mlflow.db``),
+    empty and already migrated. MLflow builds a new store by replaying its whole schema history,
+    seconds that every scenario's first run would wait out; the first call migrates one store in
+    a temporary folder, later calls copy it. A root that has a store keeps it."""
+    import atexit
+    import shutil
+    import tempfile
+
+    target = root / "mlflow.db"
+    if target.exists():
+        return
+    if not _MIGRATED:
+        folder = Path(tempfile.mkdtemp(prefix="flashdmd-fault-store-"))
+        atexit.register(shutil.rmtree, folder, True)
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        store = SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", (folder / "mlartifacts").as_uri())
+        store.engine.dispose()  # closed before it is copied
+        _MIGRATED.append(folder / "mlflow.db")
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_MIGRATED[0], target)
+
+
 @contextlib.contextmanager
 def faults_env(spec: str) -> Iterator[None]:
     """Set the test-only fault variable for an in-process run, and clear it afterwards."""
@@ -169,6 +196,7 @@ def _missing_steps(steps: list[int]) -> int:
 def kill_rank(root: Path, cache: Path, phase: str) -> Row:
     """Rank 1 killed mid-step (iteration 5) or mid-save (step 6's checkpoint); rerun resumes."""
     started = time.perf_counter()
+    migrated_store(root)
     fault = "kill_step@5:rank=1" if phase == "step" else "kill_save@6:rank=1"
     cfg = gmm_cfg(root, cache, f"kill-{phase}")
     overrides = gmm_overrides(root, cache, f"kill-{phase}")
@@ -207,6 +235,7 @@ def nonfinite_skip(root: Path, cache: Path, spec: str, label: str) -> Row:
     from flashdmd.train.main import main
 
     started = time.perf_counter()
+    migrated_store(root)
     cfg = gmm_cfg(root, cache, "skip-" + label.replace(" ", "-"))
     with faults_env(spec):
         main(cfg, "stage1")
@@ -223,6 +252,7 @@ def nonfinite_skip(root: Path, cache: Path, spec: str, label: str) -> Row:
 def nonfinite_two_ranks(root: Path, cache: Path) -> Row:
     """Inf in rank 1's discriminator output only: both ranks skip step 3 and agree on the count."""
     started = time.perf_counter()
+    migrated_store(root)
     cfg = gmm_cfg(root, cache, "skip-2ranks")
     run = launch(gmm_overrides(root, cache, "skip-2ranks"), faults="inf_loss@3:rank=1:net=discriminator")
     both = [bool(re.search(r"step 3: non-finite .* update skipped \(1 in a row, 1 in all\)", log)) for log in run.logs]
@@ -241,6 +271,7 @@ def nonfinite_rollback(root: Path, cache: Path) -> Row:
     from flashdmd.train.main import main
 
     started = time.perf_counter()
+    migrated_store(root)
     cfg = gmm_cfg(root, cache, "rollback", "health.max_consecutive_nonfinite=3", "stage1.lr_schedule=constant")
     with faults_env("nan_grad@5:net=fake_score,nan_grad@6:net=fake_score,nan_grad@7:net=fake_score"):
         main(cfg, "stage1")
@@ -263,6 +294,7 @@ def nonfinite_stop(root: Path, cache: Path) -> Row:
     from flashdmd.train.main import main
 
     started = time.perf_counter()
+    migrated_store(root)
     cfg = gmm_cfg(root, cache, "stop", "health.on_nonfinite=stop", "health.max_consecutive_nonfinite=2")
     message = ""
     with faults_env("inf_grad@3:net=fake_score,inf_grad@4:net=fake_score"):
@@ -409,6 +441,7 @@ def foreign_checkpoint(root: Path, cache: Path) -> Row:
     from flashdmd.train.main import main
 
     started = time.perf_counter()
+    migrated_store(root)
     cfg = gmm_cfg(root, cache, "foreign", "stage1.iterations=2")
     main(cfg, "stage1")
     valid = latest_valid(cfg.checkpoint_dir)
@@ -445,6 +478,7 @@ def health_monitors(root: Path, cache: Path) -> Row:
     from flashdmd.train.main import main
 
     started = time.perf_counter()
+    migrated_store(root)
     s1 = gmm_cfg(root, cache, "health-s1", "health.fake_lag_max=1e-9", "health.d_logit_gap_max=1e9")
     main(s1, "stage1")
     s2 = gmm_cfg(root, cache, "health-s2", f"stage2.init_from={s1.run_dir}", "stage2.rl_per_dm=1", "health.diversity_min=1e9")
@@ -609,6 +643,7 @@ def corrupt_training(root: Path, cache: Path, rate: float, iterations: int = 0) 
     from flashdmd.train.main import main
 
     started = time.perf_counter()
+    migrated_store(root)
     pattern, _, bad = corrupt_shards(root / f"train-shards-{rate}", rate)
     cfg = load_config("tiny-sdxl", [
         f"run_root={root}", f"name=corrupt-{rate}", f"model.cache_dir={cache}", f"data.shards={pattern}",

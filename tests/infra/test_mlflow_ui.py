@@ -2,8 +2,9 @@
 absent; CI installs Debian's ``chromium``): the loss charts and the sample image are there, in the
 model-training view the run's link opens.
 
-The page is read twice: its DOM after the scripts ran (``--dump-dom``), which the assertions use, and a
-screenshot (``run_page.png`` in the test's folder) for a person to look at.
+One Chromium run reads the page both ways: its DOM after the scripts ran (``--dump-dom``), which the
+assertions use, and a screenshot of the same render (``run_page.png`` in the test's folder) for a person
+to look at.
 """
 from __future__ import annotations
 
@@ -25,11 +26,12 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason=f"{CHROMIUM} is not installed")]
 
 
-def chromium(url: str, *mode: str, out: Path | None = None) -> str:
-    """Chromium's headless output for ``url``: the rendered DOM (``--dump-dom``) or a screenshot file."""
+def chromium(url: str, shot: Path) -> str:
+    """The DOM of ``url`` as headless Chromium renders it (``--dump-dom``); the same render goes to ``shot``."""
     cmd = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--window-size=1600,2400", "--virtual-time-budget=150000", *mode, url]  # virtual time: charts load lazily
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=out.parent if out else None)
+           "--window-size=1600,2400", "--virtual-time-budget=150000",  # virtual time: charts load lazily
+           "--dump-dom", f"--screenshot={shot}", url]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=shot.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -55,8 +57,9 @@ def test_run_page_shows_the_loss_charts_and_the_sample_image(tmp_path: Path):
         # The charts' data arrive over real sockets while Chromium's virtual time runs on; on a loaded
         # machine one render can end before them, so the page is read again (at most 5 times) until
         # the charts are in it.
+        shot = tmp_path / "run_page.png"
         for _ in range(5):
-            dom = chromium(metrics_tab, "--dump-dom")
+            dom = chromium(metrics_tab, shot)
             if all(w in dom for w in wanted):
                 break
         assert ">Model training<" in dom  # the training view, not GenAI's traces
@@ -64,8 +67,6 @@ def test_run_page_shows_the_loss_charts_and_the_sample_image(tmp_path: Path):
             assert f"ui ({key})" in dom, key  # the chart's legend: run name (metric)
         assert "No image logged at this step" not in dom
         assert "get-artifact?path=images%2Fgenerator%2Bstep%2B0" in dom  # the grid, in the image card at step 0
-        shot = tmp_path / "run_page.png"
-        chromium(metrics_tab, f"--screenshot={shot}", out=shot)
         assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
     finally:
         server.stop()

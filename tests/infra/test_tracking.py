@@ -33,6 +33,7 @@ from flashdmd.infra.tracking import (
     read_jsonl,
     sync_from_jsonl,
 )
+from flashdmd.infra.tracking_writer import CLOSING_RETRY_S, MAX_BACKOFF_S, retry_wait
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,7 @@ def test_sqlite_store_holds_params_tags_metrics_artifacts_and_jsonl(run_root):
     tracker.log_config(cfg)
     tracker.log_checkpoint(cfg.checkpoint_dir / "step_00000005", 5)
     tracker.close()
+    assert tracker._proc.returncode == 0  # the writer's status: everything reached the store
 
     client = MlflowClient(cfg.tracking_uri)
     run = client.get_run(tracker.run_id)
@@ -184,6 +186,17 @@ def test_other_ranks_get_a_null_tracker_and_bad_input_is_named(run_root):
     with pytest.raises(ValueError, match="FINISHED, FAILED or KILLED"):
         tracker.close(status="DONE")
     tracker.close()
+
+
+def test_the_writer_backs_off_while_training_and_retries_every_second_once_closing():
+    # training runs: exponential backoff from the flush interval, capped
+    assert [retry_wait(0.1, n, None) for n in range(4)] == [0.1, 0.2, 0.4, 0.8]
+    assert retry_wait(1.0, 12, None) == MAX_BACKOFF_S == 30.0
+    # closed: the job waits only on delivery, so no pause is longer than CLOSING_RETRY_S, a
+    # shorter backoff stays, and nothing waits past the close deadline
+    assert retry_wait(1.0, 12, 60.0) == CLOSING_RETRY_S == 1.0
+    assert retry_wait(0.1, 2, 60.0) == pytest.approx(0.4)
+    assert retry_wait(1.0, 12, 0.25) == 0.25 and retry_wait(1.0, 12, -3.0) == 0.0
 
 
 def test_image_grid_places_each_image_without_empty_cells():

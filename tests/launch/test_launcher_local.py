@@ -33,7 +33,7 @@ def test_local_executor_two_processes_preempt_and_resume(tmp_path):
         assert not sub.job.done(), f"the job ended before step 3; see {sub.stdout}"  # no clock: a loaded machine is slow
         time.sleep(0.1)
     os.kill(events(run_dir)[0]["pid"], signal.SIGUSR1)  # rank 0 only; rank 1 learns it in the all-reduce
-    results = launcher.wait(sub)
+    results = launcher.wait(sub, poll_s=0.25)
     log = events(run_dir)
     kinds = [e["event"] for e in log if e["event"] != "step"]
     assert kinds == ["start", "stop", "resume", "done"], kinds

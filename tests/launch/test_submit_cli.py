@@ -65,10 +65,15 @@ def test_slurm_executor_without_sbatch_fails_before_submission(tmp_path):
     import os
 
     env = {**os.environ, "PATH": str(tmp_path)}  # an empty directory: no sbatch, no scontrol
-    cmd = [sys.executable, str(ROOT / "jobs" / "submit.py"), "stage1", "--config", "gmm2d", "--executor", "slurm",
-           f"run_root={tmp_path}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 2, out.stderr
+    # the cluster is asked before the preflight imports torch (a checked behaviour, not a timing)
+    argv = ["jobs/submit.py", "stage1", "--config", "gmm2d", "--executor", "slurm", f"run_root={tmp_path}"]
+    probe = ("import runpy, sys\n"
+             f"sys.argv = {argv!r}\n"
+             "try:\n    runpy.run_path('jobs/submit.py', run_name='__main__')\n"
+             "except SystemExit as end:\n    print('EXIT', end.code)\n"
+             "print('TORCH LOADED' if 'torch' in sys.modules else 'TORCH NOT LOADED')\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.stdout.split() == ["EXIT", "2", "TORCH", "NOT", "LOADED"], out.stdout + out.stderr
     assert "--executor slurm needs sbatch on PATH" in out.stderr and "Traceback" not in out.stderr
 
 

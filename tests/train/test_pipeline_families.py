@@ -1,16 +1,24 @@
 """``jobs/submit.py pipeline`` end to end on every tiny image family: stage 1, then stage 2 from
 its hand-over, on the local executor. Stage 2 must keep win/lose pairs (rl_kept > 0 with the
 default threshold), move the generator away from stage 1's, and be nested under stage 1's
-MLflow run."""
+MLflow run.
+
+The families' pipelines are independent (a run root and MLflow store each), so they run at the
+same time: each is mostly one interpreter importing and setting up at a time, and side by side
+they keep the cores busy. One intra-op thread each (OMP_NUM_THREADS, which
+``flashdmd.train.main.split_cpu_threads`` honours) keeps their steps from spinning against each
+other."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from mlflow_store import migrated_store
 from safetensors.torch import load_file
 
 from flashdmd.config import REPO_ROOT
@@ -26,10 +34,34 @@ def shards(tmp_path_factory) -> str:
     return f"{folder}/toy-{{000000..000001}}.tar"
 
 
+def _selected(request: pytest.FixtureRequest) -> list[str]:
+    """The families whose test runs in this session (all three, or those picked with -k)."""
+    picked = {item.callspec.params.get("family") for item in request.session.items
+              if item.module is request.module and hasattr(item, "callspec")}
+    return [family for family in FAMILIES if family in picked]
+
+
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    """One run root for the families: their runs share its MLflow store (created once), nothing else."""
-    return tmp_path_factory.mktemp("pipeline-runs")
+def pipelines(request, tmp_path_factory, shards) -> dict[str, tuple[Path, subprocess.Popen, Path]]:
+    """Every selected family's pipeline, started at once: family -> (run root, process, log file)."""
+    started = {}
+    for family in _selected(request):
+        root = tmp_path_factory.mktemp(f"pipeline-{family}")
+        migrated_store(root)  # MLflow's schema ready: no stage waits out a new store's migrations
+        cmd = [sys.executable, str(REPO_ROOT / "jobs" / "submit.py"), "pipeline", "--config", family,
+               "--executor", "local", "--name", family, f"run_root={root}", f"data.shards={shards}",
+               f"model.cache_dir={root / 'cache'}", "stage1.iterations=1", "stage2.iterations=1",
+               "tracking.sample_every=0", "health.monitors=false", "checkpoint.every=100"]
+        log = root / "submit.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+        started[family] = (root, proc, log)
+    yield started
+    for _, proc, _ in started.values():
+        if proc.poll() is None:  # a failed assertion elsewhere left it running
+            proc.kill()
+            proc.wait()
 
 
 def _metric_rows(run_dir: Path) -> list[dict[str, float]]:
@@ -38,15 +70,11 @@ def _metric_rows(run_dir: Path) -> list[dict[str, float]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_pipeline_runs_stage2_after_stage1(root, shards, family):
+def test_pipeline_runs_stage2_after_stage1(pipelines, family):
     import mlflow
 
-    cmd = [sys.executable, str(REPO_ROOT / "jobs" / "submit.py"), "pipeline", "--config", family, "--executor", "local",
-           "--name", family, f"run_root={root}", f"data.shards={shards}", f"model.cache_dir={root / 'cache' / family}",
-           "stage1.iterations=1", "stage2.iterations=1", "tracking.sample_every=0", "health.monitors=false",
-           "checkpoint.every=100"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=REPO_ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
+    root, proc, log = pipelines[family]
+    assert proc.wait(timeout=1800) == 0, log.read_text()[-3000:]
     stage1, stage2 = root / f"{family}-stage1", root / f"{family}-stage2"
 
     rows = _metric_rows(stage2)

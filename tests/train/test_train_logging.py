@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow.entities import Metric
+from mlflow_store import migrated_store
 
 from flashdmd.config import Config, ConfigError, load_config
 from flashdmd.train.main import main
@@ -29,6 +30,15 @@ def gmm_cfg(root: Path, cache: Path, name: str, *overrides: str) -> Config:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """One run root (and MLflow store) for this module's runs, which all have their own names: a new
+    SQLite store costs seconds of MLflow migrations, which the migrated copy spares."""
+    root = tmp_path_factory.mktemp("runs")
+    migrated_store(root)
+    return root
 
 
 def histories(root: Path, run_id: str) -> dict[str, list[Metric]]:
@@ -61,11 +71,11 @@ def test_window_means_over_the_steps_where_each_metric_occurred():
 
 
 @pytest.mark.slow  # a few gmm2d runs: tens of seconds on 2 loaded cores
-def test_ttur_2_logs_every_loss_of_every_network_at_every_log_step(tmp_path: Path, cache: Path, caplog):
+def test_ttur_2_logs_every_loss_of_every_network_at_every_log_step(root: Path, cache: Path, caplog):
     caplog.set_level(logging.INFO, logger="flashdmd.progress")
-    cfg = gmm_cfg(tmp_path, cache, "ttur", "stage1.ttur=2", "tracking.log_every=10", "stage1.iterations=30")
+    cfg = gmm_cfg(root, cache, "ttur", "stage1.ttur=2", "tracking.log_every=10", "stage1.iterations=30")
     main(cfg, "stage1")
-    logged = histories(tmp_path, run_id_of(cfg))
+    logged = histories(root, run_id_of(cfg))
     for key in (*STAGE1_LOSSES, "generator_lr", "generator_grad_norm", "fake_score_lr", "discriminator_lr"):
         assert [m.step for m in logged[key]] == [10, 20, 30], key
     # the window's counts: 5 generator updates (TTUR 2) and 10 fake-score updates per 10 iterations
@@ -84,28 +94,28 @@ def test_ttur_2_logs_every_loss_of_every_network_at_every_log_step(tmp_path: Pat
 
 
 @pytest.mark.slow  # a few gmm2d runs: tens of seconds on 2 loaded cores
-def test_stage2_logs_rl_and_distillation_losses_at_every_log_step(tmp_path: Path, cache: Path):
-    s1 = gmm_cfg(tmp_path, cache, "s1", "stage1.iterations=4", "tracking.log_every=4")
+def test_stage2_logs_rl_and_distillation_losses_at_every_log_step(root: Path, cache: Path):
+    s1 = gmm_cfg(root, cache, "s1", "stage1.iterations=4", "tracking.log_every=4")
     main(s1, "stage1")
-    s2 = gmm_cfg(tmp_path, cache, "s2", f"stage2.init_from={s1.run_dir}", "stage2.rl_per_dm=5", "stage2.iterations=18",
+    s2 = gmm_cfg(root, cache, "s2", f"stage2.init_from={s1.run_dir}", "stage2.rl_per_dm=5", "stage2.iterations=18",
                  "tracking.log_every=6", "health.monitors=false")
     main(s2, "stage2")
-    logged = histories(tmp_path, run_id_of(s2))
+    logged = histories(root, run_id_of(s2))
     for key in ("loss/rl", "loss/dmd", "loss/gan_g", "loss/fake", "loss/d"):
         assert [m.step for m in logged[key]] == [6, 12, 18], key
     # 5 RL updates to 1 distillation update in every window of 6 iterations; the fake score and D every one
     assert [m.value for m in logged["steps/loss/rl"]] == [5.0] * 3 and [m.value for m in logged["steps/loss/dmd"]] == [1.0] * 3
     assert [m.value for m in logged["steps/loss/fake"]] == [6.0] * 3
-    tags = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id_of(s2)).data.tags
+    tags = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").get_run(run_id_of(s2)).data.tags
     assert tags["parent"] == "s1" and tags["job"] == "stage2" and "rl5:1" in tags["mode"]
     assert "s1" in tags["mlflow.note.content"]
 
 
 @pytest.mark.slow  # a few gmm2d runs: tens of seconds on 2 loaded cores
-def test_gmm_quality_is_logged_beside_the_teacher_and_above_the_noise_floor(tmp_path: Path, cache: Path):
-    cfg = gmm_cfg(tmp_path, cache, "quality", "stage1.iterations=4", "tracking.sample_every=2", "tracking.log_every=2")
+def test_gmm_quality_is_logged_beside_the_teacher_and_above_the_noise_floor(root: Path, cache: Path):
+    cfg = gmm_cfg(root, cache, "quality", "stage1.iterations=4", "tracking.sample_every=2", "tracking.log_every=2")
     main(cfg, "stage1")
-    logged = histories(tmp_path, run_id_of(cfg))
+    logged = histories(root, run_id_of(cfg))
     for key in ("eval/sw2", "eval/sw2_teacher", "eval/sw2_floor", "eval/modes_covered", "eval/mean_reward",
                 *(f"eval/mode_mass/m{k}" for k in range(cfg.model.gmm.num_modes))):
         assert [m.step for m in logged[key]] == [2, 4], key
@@ -115,10 +125,10 @@ def test_gmm_quality_is_logged_beside_the_teacher_and_above_the_noise_floor(tmp_
 
 
 @pytest.mark.slow  # a few gmm2d runs: tens of seconds on 2 loaded cores
-def test_rerun_with_another_config_is_refused_unless_resume_is_asked(tmp_path: Path, cache: Path, monkeypatch):
+def test_rerun_with_another_config_is_refused_unless_resume_is_asked(root: Path, cache: Path, monkeypatch):
     base = ("stage1.iterations=4", "tracking.log_every=2", "checkpoint.every=2")
-    main(gmm_cfg(tmp_path, cache, "rerun", *base), "stage1")
-    changed = gmm_cfg(tmp_path, cache, "rerun", *base, "stage1.fake_lr=0.002", "launch.time_minutes=99")
+    main(gmm_cfg(root, cache, "rerun", *base), "stage1")
+    changed = gmm_cfg(root, cache, "rerun", *base, "stage1.fake_lr=0.002", "launch.time_minutes=99")
     with pytest.raises(ConfigError) as err:
         main(changed, "stage1")
     message = str(err.value)
@@ -128,7 +138,7 @@ def test_rerun_with_another_config_is_refused_unless_resume_is_asked(tmp_path: P
     main(changed, "stage1")
     assert "fake_lr: 0.002" in (changed.run_dir / "config.yaml").read_text()
     monkeypatch.delenv(RESUME_ENV)
-    main(gmm_cfg(tmp_path, cache, "rerun", *base, "stage1.fake_lr=0.002"), "stage1")  # the same as saved: resumes
+    main(gmm_cfg(root, cache, "rerun", *base, "stage1.fake_lr=0.002"), "stage1")  # the same as saved: resumes
 
 
 def test_bad_samples_are_counted_and_listed_once_each(tmp_path: Path, monkeypatch):

@@ -57,9 +57,9 @@ def make_shards(root: Path) -> str:
     return f"{shards}/toy-{{000000..000001}}.tar"
 
 
-def train_overrides(root: Path, name: str, kind: str, shards: str, iterations: int) -> list[str]:
+def train_overrides(root: Path, name: str, kind: str, shards: str, iterations: int, cache: Path) -> list[str]:
     """A tiny-sdxl stage-1 run under ``kind`` (local = DDP on several ranks), a checkpoint every step."""
-    return [f"run_root={root}", f"name={name}", f"model.cache_dir={root / 'cache'}", f"engine.kind={kind}",
+    return [f"run_root={root}", f"name={name}", f"model.cache_dir={cache}", f"engine.kind={kind}",
             f"data.shards={shards}", f"stage1.iterations={iterations}", "checkpoint.every=1", "checkpoint.keep_last=10",
             "tracking.sample_every=0", "tracking.log_every=1", "engine.collective_timeout_s=120"]
 

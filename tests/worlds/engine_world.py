@@ -179,15 +179,35 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
     os._exit(0)
 
 
+def _start_fork_server() -> None:
+    """Ranks fork from one server that imported torch, this module and what the ranks use on top
+    (fork_preload: DeepSpeed, diffusers, transformers, PEFT, flashdmd) once per session: a spawned
+    rank is a fresh interpreter that spends seconds importing them again.
+
+    The server is a fresh ``python -c`` in the caller's working directory; Python 3.11 does not
+    give it the caller's sys.path (it passes it and ignores it), so the preload would find neither
+    module and silently import nothing. It gets this folder through PYTHONPATH instead, set only
+    while it starts. Later calls find it running (the preload list is read once)."""
+    from multiprocessing import forkserver
+
+    mp.set_forkserver_preload(["engine_world", "fork_preload"])
+    here, before = str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, before) if p)
+    try:
+        forkserver.ensure_running()
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
 def run_ranks(world: int, fn: Callable[..., dict[str, Tensor]], *args: Any, tmp: Path) -> dict[str, Tensor]:
     """Run ``fn(*args)`` on ``world`` gloo ranks; returns rank 0's flat tensor dict."""
     from safetensors.torch import load_file
 
     out = str(tmp / f"result-{os.getpid()}-{free_port()}.safetensors")
-    # Ranks fork from one server that imported torch and this module once per session: a spawned
-    # rank is a fresh interpreter that spends seconds importing torch again. The preload list is
-    # read when the server starts (the first call) and ignored afterwards.
-    mp.set_forkserver_preload(["engine_world"])
+    _start_fork_server()
     mp.start_processes(_worker, args=(world, free_port(), fn, args, out, dict(os.environ)), nprocs=world, join=True,
                        start_method="forkserver")
     return load_file(out)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow_store import migrated_store
 
 from flashdmd.config import REPO_ROOT, Config, load_config
 from flashdmd.engine.base import OptimSpec
@@ -33,6 +34,7 @@ def trained_run(tmp_path_factory) -> tuple[Config, Path]:
     from flashdmd.train.main import main
 
     root = tmp_path_factory.mktemp("trained")
+    migrated_store(root)  # the evaluation tests add their runs to this store too
     shards = root / "shards"
     subprocess.run([sys.executable, str(REPO_ROOT / "data_tools" / "make_toy_shards.py"), str(shards), "--count", "16",
                     "--per-shard", "8", "--size", "64"], check=True, capture_output=True)
