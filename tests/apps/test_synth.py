@@ -154,13 +154,17 @@ def test_a_run_killed_mid_shard_resumes_without_duplicates(world):
     root, reference = world
     command = [sys.executable, "-m", "flashdmd.apps.synth", "--config", "tiny-sd3", *overrides(root, "killed")]
     shards = root / "killed" / "shards"
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = root / "killed.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
     partial = shards / ".synth-000001.tar.partial"
+    # shard 1 is written in ~0.1 s on an idle machine: poll often enough to land inside it
     while not (partial.is_file() and partial.stat().st_size > 0) and proc.poll() is None:  # ends with the run
-        time.sleep(0.05)
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert partial.is_file() and not (shards / "synth-000001.tar").exists()  # killed inside shard 1
+    ended = log.read_text(errors="replace")[-3000:]
+    assert partial.is_file() and not (shards / "synth-000001.tar").exists(), ended  # killed inside shard 1
     finished = (shards / "synth-000000.tar").read_bytes()
 
     # the same command again, here through its entry (cli) in this process: the killed one above
