@@ -10,7 +10,6 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from mlflow_store import migrated_store
 from safetensors.torch import load_file
 
 from flashdmd.config import REPO_ROOT, Config, load_config
@@ -29,15 +28,6 @@ def gmm_cfg(root: Path, cache: Path, name: str, *overrides: str) -> Config:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    """One run root (and MLflow store) for this module's runs, which all have their own names: a new
-    SQLite store costs seconds of MLflow migrations, which the migrated copy spares."""
-    root = tmp_path_factory.mktemp("runs")
-    migrated_store(root)
-    return root
 
 
 def client(root: Path) -> mlflow.MlflowClient:
