@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow_store import migrated_store
 
 from flashdmd.train.checkpoint import latest_valid, step_dirs
 from flashdmd.config import REPO_ROOT, Config, load_config
@@ -74,33 +75,6 @@ def build_cache(cache: Path) -> Path:
 
     build_parts(gmm_cfg(cache.parent, cache, "cache"), cache)
     return cache
-
-
-_MIGRATED: list[Path] = []  # this process's empty store, migrated once
-
-
-def migrated_store(root: Path) -> None:
-    """Give a new run root the MLflow SQLite store its runs would create (``<root>/mlflow.db``),
-    empty and already migrated. MLflow builds a new store by replaying its whole schema history,
-    seconds that every scenario's first run would wait out; the first call migrates one store in
-    a temporary folder, later calls copy it. A root that has a store keeps it."""
-    import atexit
-    import shutil
-    import tempfile
-
-    target = root / "mlflow.db"
-    if target.exists():
-        return
-    if not _MIGRATED:
-        folder = Path(tempfile.mkdtemp(prefix="flashdmd-fault-store-"))
-        atexit.register(shutil.rmtree, folder, True)
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        store = SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", (folder / "mlartifacts").as_uri())
-        store.engine.dispose()  # closed before it is copied
-        _MIGRATED.append(folder / "mlflow.db")
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_MIGRATED[0], target)
 
 
 @contextlib.contextmanager
